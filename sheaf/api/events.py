@@ -1,0 +1,60 @@
+"""Stream events: one JSON object per Server-Sent Event, ending with `result` or `error`."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from sheaf.api.base import BaseResponse
+
+ResponseT = TypeVar("ResponseT", bound=BaseResponse)
+
+
+class TokenEvent(BaseModel):
+    """Text generation: a new piece of text, as soon as it is produced."""
+
+    type: Literal["token"] = "token"
+    text: str
+    index: int
+    done: Literal[False] = False
+
+
+class ErrorEvent(BaseModel):
+    """Last event of a stream whose backend failed after the stream began."""
+
+    type: Literal["error"] = "error"
+    done: Literal[True] = True
+    error: str
+    code: str | None = None
+
+
+class ResultEvent(BaseModel, Generic[ResponseT]):
+    """Last event of a successful stream. On the wire its fields are the response's, flat."""
+
+    type: Literal["result"] = "result"
+    done: Literal[True] = True
+    response: ResponseT
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "result", "done": True, **self.response.model_dump(mode="json")}
+
+
+StreamEvent = TokenEvent | ErrorEvent | ResultEvent[Any]
+"""Every event type a stream may carry. Progress and segment events join with their backends."""
+
+PROGRESS_EVENTS: dict[str, type[BaseModel]] = {"token": TokenEvent}
+"""The events before the terminal one, by their `type`."""
+
+
+def parse_event(payload: dict[str, Any], response_model: type[ResponseT]) -> StreamEvent:
+    """A wire event as its typed model; a `result` carries the deployment's typed response."""
+    kind = payload.get("type")
+    if kind == "result":
+        fields = {k: v for k, v in payload.items() if k not in ("type", "done")}
+        return ResultEvent[response_model](response=response_model.model_validate(fields))  # type: ignore[valid-type]
+    if kind == "error":
+        return ErrorEvent.model_validate(payload)
+    if kind in PROGRESS_EVENTS:
+        return PROGRESS_EVENTS[kind].model_validate(payload)  # type: ignore[return-value]
+    raise ValueError(f"unknown event type {kind!r}")

@@ -1,0 +1,52 @@
+"""The backend contract: model code that knows nothing of HTTP or BentoML.
+
+A backend overrides three hooks:
+
+- `load()` reads the weights, once, before the first request.
+- `predict_batch(requests)` answers a whole batch in one model call and returns one
+  outcome per request, in order: its response, or the exception that request alone hit.
+- `stream(request, cancel)` (optional) yields events as the model produces them and
+  ends with a `ResultEvent`. It must return soon after `cancel` is set. The default
+  yields a single `ResultEvent` built from `predict_batch`.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from sheaf.api.base import BaseRequest, BaseResponse
+from sheaf.api.events import ResultEvent, StreamEvent
+from sheaf.config import DeploymentConfig
+
+RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
+ResponseT = TypeVar("ResponseT", bound=BaseResponse)
+
+
+class Backend(ABC, Generic[RequestT, ResponseT]):
+    request_model: ClassVar[type[BaseRequest[Any]]]
+    options_model: ClassVar[type[BaseModel] | None] = None
+    """Validates `options:` of the deployment config, when the backend takes any."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+
+    def options(self) -> Any:
+        model = self.options_model
+        return model.model_validate(self.config.options) if model else self.config.options
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def predict_batch(self, requests: Sequence[RequestT]) -> list[ResponseT | Exception]: ...
+
+    def stream(self, request: RequestT, cancel: threading.Event) -> Iterator[StreamEvent]:
+        (outcome,) = self.predict_batch([request])
+        if isinstance(outcome, Exception):
+            raise outcome
+        yield ResultEvent(response=outcome)

@@ -1,0 +1,188 @@
+"""Typed clients for a sheaf server: `SheafClient` and its async twin `AsyncSheafClient`.
+
+    with SheafClient("http://127.0.0.1:3000") as client:
+        response = client.predict("textgen", TextGenerationRequest(prompt="Hi"))
+        for event in client.stream("textgen", request):
+            ...
+
+`predict` returns the deployment's typed response; `stream` yields typed events and ends
+with a `ResultEvent` (an `error` event raises `StreamError`). Errors are in `sheaf.exceptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from sheaf.api.base import BaseRequest, ResponseT
+from sheaf.api.events import ErrorEvent, ResultEvent, StreamEvent, parse_event
+from sheaf.exceptions import ClientError, ServerError, StreamError, TransportError
+from sheaf.streaming import SSEDecoder
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+
+
+def _body(request: BaseRequest[Any]) -> dict[str, Any]:
+    return request.model_dump(mode="json")
+
+
+def _check(response: httpx.Response) -> None:
+    """Raise the typed error for a 4xx or 5xx answer (its body must have been read)."""
+    if response.is_success:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    retry_after = response.headers.get("retry-after")
+    error = ClientError if response.status_code < 500 else ServerError
+    raise error(response.status_code, detail, float(retry_after) if retry_after else None)
+
+
+def _response(request: BaseRequest[ResponseT], response: httpx.Response) -> ResponseT:
+    _check(response)
+    return request.response_model.model_validate_json(response.content)  # type: ignore[return-value]
+
+
+class _Events:
+    """Turns an SSE byte stream into typed events; raises on an `error` event or a cut stream."""
+
+    def __init__(self, request: BaseRequest[Any]) -> None:
+        self.response_model = request.response_model
+        self.decoder = SSEDecoder()
+        self.finished = False
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for payload in self.decoder.feed(chunk):
+            if self.finished:
+                raise StreamError("the server sent events after the final one")
+            event = parse_event(payload, self.response_model)
+            if isinstance(event, ErrorEvent):
+                raise StreamError(event.error, event.code)
+            self.finished = isinstance(event, ResultEvent)
+            events.append(event)
+        return events
+
+    def close(self) -> None:
+        if not self.finished:
+            raise StreamError("the stream ended before its result")
+
+
+class AsyncSheafClient:
+    """Async client for every deployment of one sheaf server."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, **httpx_options: Any
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_options)
+
+    async def predict(self, name: str, request: BaseRequest[ResponseT]) -> ResponseT:
+        try:
+            response = await self._http.post(f"/{name}/predict", json=_body(request))
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        return _response(request, response)
+
+    async def stream(self, name: str, request: BaseRequest[ResponseT]) -> AsyncIterator[StreamEvent]:
+        """Events as the server sends them; the last is a `ResultEvent` holding the typed response."""
+        events = _Events(request)
+        try:
+            async with self._http.stream("POST", f"/{name}/stream", json=_body(request)) as response:
+                if not response.is_success:
+                    await response.aread()
+                    _check(response)
+                async for chunk in response.aiter_raw():
+                    for event in events.feed(chunk):
+                        yield event
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        events.close()
+
+    async def health(self, name: str) -> dict[str, Any]:
+        return await self._get(f"/{name}/health")
+
+    async def ready(self, name: str) -> dict[str, Any]:
+        """`{"status": "ready", "model": name}`; raises `ServerError` (503) while the model loads."""
+        return await self._get(f"/{name}/ready")
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        try:
+            response = await self._http.get(path)
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        _check(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class SheafClient:
+    """Blocking client for every deployment of one sheaf server; the twin of `AsyncSheafClient`."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, **httpx_options: Any
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_options)
+
+    def predict(self, name: str, request: BaseRequest[ResponseT]) -> ResponseT:
+        try:
+            response = self._http.post(f"/{name}/predict", json=_body(request))
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        return _response(request, response)
+
+    def stream(self, name: str, request: BaseRequest[ResponseT]) -> Iterator[StreamEvent]:
+        """Events as the server sends them; the last is a `ResultEvent` holding the typed response."""
+        events = _Events(request)
+        try:
+            with self._http.stream("POST", f"/{name}/stream", json=_body(request)) as response:
+                if not response.is_success:
+                    response.read()
+                    _check(response)
+                for chunk in response.iter_raw():
+                    yield from events.feed(chunk)
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        events.close()
+
+    def health(self, name: str) -> dict[str, Any]:
+        return self._get(f"/{name}/health")
+
+    def ready(self, name: str) -> dict[str, Any]:
+        """`{"status": "ready", "model": name}`; raises `ServerError` (503) while the model loads."""
+        return self._get(f"/{name}/ready")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        try:
+            response = self._http.get(path)
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        _check(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

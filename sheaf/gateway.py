@@ -1,0 +1,228 @@
+"""The entry service's routes: every deployment behind one host and port, per the wire contract.
+
+For each deployment the gateway holds a `bentoml.depends` proxy and serves
+
+- `POST /{name}/predict`: one request, forwarded to the deployment's batchable
+  `predict_batch` (concurrent calls are merged into batches there);
+- `POST /{name}/stream`: the deployment's SSE frames, relayed whole as they arrive;
+- `GET /{name}/health` and `GET /{name}/ready`: probes (BentoML APIs are POST only, so
+  these live in a small mounted app).
+
+BentoML answers a body that fails validation with 400; `ValidationErrorsAs422` gives the
+contract's 422 `{"detail": [...]}` instead.
+"""
+
+import json
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+from urllib.parse import urlparse
+
+import bentoml
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sheaf.api.base import BaseRequest
+from sheaf.logs import show_sheaf_logs
+from sheaf.service import typed
+from sheaf.streaming import encode_event, error_event
+
+logger = logging.getLogger("sheaf.gateway")
+
+
+def gateway_routes(*deployments: bentoml.Service[Any] | None) -> type:
+    """A base class for the entry service: each deployment as a dependency, with its routes.
+
+    BentoML finds the entry service by name in the module that `bentoml serve` imports, so
+    it is declared there, then given the rest of the contract by `serve_contract`::
+
+        @bentoml.service(name="sheaf")
+        class Sheaf(gateway_routes(textgen.TextGen)): ...
+
+        serve_contract(Sheaf)
+    """
+    members: dict[str, Any] = {"__init__": lambda self: show_sheaf_logs()}
+    for service in deployments:
+        if service is None:  # not configured in this config set
+            continue
+        members[service.name] = bentoml.depends(service)
+        members.update(_routes(service))
+    return type("GatewayRoutes", (), members)
+
+
+def serve_contract(gateway: bentoml.Service[Any]) -> None:
+    """Add the GET probes and the 422 answer for invalid bodies to the entry service."""
+    names = list(gateway.dependencies)
+    gateway.mount_asgi_app(_probes(names), path="/", name="probes")
+    gateway.add_asgi_middleware(ValidationErrorsAs422)
+
+
+def _api(name: str, route: str, func: Any) -> Any:
+    func.__name__ = func.__qualname__ = name
+    return bentoml.api(route=route)(func)
+
+
+def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
+    name = deployment.name
+    request_model: type[BaseRequest[Any]] = deployment.inner.request_model
+
+    @typed(request=request_model, **{"return": request_model.response_model})
+    async def predict(self: Any, request: BaseRequest[Any], /) -> Any:
+        (outcome,) = await getattr(self, name).to_async.predict_batch([request.model_dump(mode="json")])
+        return JSONResponse(outcome["body"], status_code=outcome["status"])
+
+    @typed(request=request_model)
+    async def stream(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        frames = _upstream_stream(deployment, request.model_dump(mode="json"))
+        async for chunk in _relay(frames, ctx):
+            yield chunk
+
+    return {
+        f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
+        f"{name}_stream": _api(f"{name}_stream", f"/{name}/stream", stream),
+    }
+
+
+_stream_clients: dict[str, httpx.AsyncClient] = {}
+
+
+def _stream_client(deployment: bentoml.Service[Any]) -> httpx.AsyncClient:
+    """A client of our own for a deployment's streams.
+
+    BentoML's dependency proxy never closes a stream response its caller abandons, so
+    the deployment would go on generating for a client that is gone. Closing our own
+    response closes the connection, and the deployment's stream is cancelled.
+    """
+    client = _stream_clients.get(deployment.name)
+    if client is None:
+        url = deployment.url
+        if url is None:
+            raise RuntimeError(f"deployment {deployment.name} is not being served")
+        timeout = httpx.Timeout(deployment.config.get("traffic", {}).get("timeout") or 300, connect=10)
+        if url.startswith("file://"):
+            transport = httpx.AsyncHTTPTransport(uds=urlparse(url).path)
+            client = httpx.AsyncClient(transport=transport, base_url="http://deployment", timeout=timeout)
+        else:
+            client = httpx.AsyncClient(base_url=url, timeout=timeout)
+        _stream_clients[deployment.name] = client
+    return client
+
+
+async def _upstream_stream(deployment: bentoml.Service[Any], request: dict[str, Any]) -> AsyncGenerator[str, None]:
+    """The deployment's `stream` API as text chunks, as they arrive."""
+    async with _stream_client(deployment).stream("POST", "/stream", json={"request": request}) as response:
+        response.raise_for_status()
+        async for text in response.aiter_text():
+            yield text
+
+
+async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+    """Forward a deployment's SSE frames whole, as they arrive.
+
+    Before anything is sent, an error frame carrying `status` becomes a plain HTTP error.
+    After, a broken or truncated upstream still ends the stream with one `error` event.
+    """
+    buffer = ""
+    sent_any = finished = False
+    try:
+        async for chunk in frames:
+            buffer += chunk
+            end = buffer.rfind("\n\n") + 2
+            if end < 2:
+                continue
+            complete, buffer = buffer[:end], buffer[end:]
+            last = json.loads(complete[complete.rfind("data: ", 0, -2) + 6 :])
+            if not sent_any and last["type"] == "error" and "status" in last:
+                yield _http_error(ctx, last["status"], last["body"])
+                return
+            sent_any, finished = True, last["done"]
+            yield complete
+    except Exception as exc:
+        logger.exception("relaying a stream failed")
+        if not sent_any:
+            yield _http_error(ctx, 502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"})
+            return
+        yield encode_event(error_event(exc, code="upstream_error"))
+        return
+    finally:
+        await frames.aclose()
+    if not finished:
+        yield encode_event(
+            {"type": "error", "done": True, "error": "stream ended without a result", "code": "upstream_error"}
+        )
+
+
+def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any]) -> str:
+    """Turn a stream that has sent nothing yet into a plain JSON error; returns the body to send."""
+    ctx.response.status_code = status
+    ctx.response.metadata["content-type"] = "application/json"
+    return json.dumps(body)
+
+
+def _probes(names: list[str]) -> Starlette:
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> JSONResponse:
+        name = request.url.path.split("/")[1]
+        try:
+            proxy = getattr(bentoml.get_current_service(), name)
+            outcome = await proxy.to_async.ready()
+        except Exception as exc:  # the deployment's process is not up (yet)
+            outcome = {"status": 503, "body": {"detail": f"deployment {name} unreachable: {type(exc).__name__}"}}
+        return JSONResponse(outcome["body"], status_code=outcome["status"])
+
+    routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in names]
+    routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in names]
+    return Starlette(routes=routes)
+
+
+class ValidationErrorsAs422:
+    """Answer BentoML's 400 for a body that fails validation as the contract's 422 `{"detail": [...]}`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        body = b""
+
+        async def send_rewritten(message: Message) -> None:
+            nonlocal held, body
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                held = message
+                return
+            if held is None:
+                await send(message)
+                return
+            body += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            content = json.dumps({"detail": _validation_detail(body)}).encode()
+            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(content)).encode()))
+            await send({**held, "status": 422, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+
+        await self.app(scope, receive, send_rewritten)
+
+
+def _validation_detail(body: bytes) -> Any:
+    """Pydantic's errors without the doc links, with `body` first in each location as FastAPI does."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+    if not isinstance(payload, dict) or not isinstance(payload.get("detail"), list):
+        return payload.get("error", payload) if isinstance(payload, dict) else payload
+    return [
+        {"loc": ["body", *error.get("loc", [])], "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in payload["detail"]
+    ]

@@ -1,0 +1,126 @@
+"""Server-Sent Events: framing events on the way out, reassembling them on the way in,
+and carrying a backend's blocking event iterator onto the event loop.
+
+A frame is `data: {json}\\n\\n`. JSON is kept ASCII (`json.dumps` default) so a frame
+split anywhere by the network never splits a character.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from sheaf.api.events import ErrorEvent, ResultEvent
+
+T = TypeVar("T")
+
+_FRAME_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def event_payload(event: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(event, ResultEvent):
+        return event.to_wire()
+    if isinstance(event, BaseModel):
+        return event.model_dump(mode="json")
+    return event
+
+
+def encode_event(event: BaseModel | dict[str, Any]) -> str:
+    return f"data: {json.dumps(event_payload(event))}\n\n"
+
+
+def error_event(exc: BaseException, code: str = "backend_error") -> ErrorEvent:
+    return ErrorEvent(error=f"{type(exc).__name__}: {exc}", code=code)
+
+
+class SSEDecoder:
+    """Turns bytes, split however the network split them, into event payloads."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes | str) -> list[dict[str, Any]]:
+        self._buffer += chunk.encode() if isinstance(chunk, str) else chunk
+        events = []
+        while match := _FRAME_END.search(self._buffer):
+            frame, self._buffer = self._buffer[: match.start()], self._buffer[match.end() :]
+            event = parse_frame(frame.decode())
+            if event is not None:
+                events.append(event)
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """True while a partial frame waits for the rest of its bytes."""
+        return bool(self._buffer.strip())
+
+
+def parse_frame(frame: str) -> dict[str, Any] | None:
+    """One frame's `data:` lines as JSON; None for a frame of comments only (heartbeats)."""
+    data = []
+    for line in frame.splitlines():
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value.removeprefix(" "))
+    if not data:
+        return None
+    payload = json.loads("\n".join(data))
+    if not isinstance(payload, dict) or "type" not in payload:
+        raise ValueError(f"not a sheaf event: {frame[:200]!r}")
+    return payload
+
+
+async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -> AsyncGenerator[T, None]:
+    """Run a blocking iterator in its own thread and hand each item to the event loop as it comes.
+
+    `produce` receives a cancel event. When the consumer stops early (client gone,
+    CancelledError), the event is set and the iterator is closed in its thread.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    cancel = threading.Event()
+    end = object()
+
+    def put(done: bool, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (done, value))
+        except RuntimeError:  # the loop closed under us: nobody is listening any more
+            cancel.set()
+
+    def run() -> None:
+        try:
+            items = produce(cancel)
+            try:
+                for item in items:
+                    put(False, item)
+                    if cancel.is_set():
+                        break
+            finally:
+                close = getattr(items, "close", None)  # a generator's own cleanup runs in its thread
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the consumer, which decides what it means
+            put(True, exc)
+        else:
+            put(True, end)
+
+    threading.Thread(target=run, name="sheaf-stream", daemon=True).start()
+    try:
+        while True:
+            done, value = await queue.get()
+            if not done:
+                yield value
+            elif value is end:
+                return
+            else:
+                raise value
+    finally:
+        cancel.set()

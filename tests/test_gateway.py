@@ -1,0 +1,167 @@
+"""The wire contract end to end: a real `bentoml serve`, the real backend on a tiny model."""
+
+import asyncio
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from sheaf.streaming import SSEDecoder
+from tests.conftest import Server
+
+PROMPT = {"model_type": "text_generation", "model_name": "tiny", "prompt": "the quick brown fox", "max_new_tokens": 12}
+RESPONSE_FIELDS = {
+    "request_id",
+    "model_type",
+    "model_name",
+    "metadata",
+    "text",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+}
+
+
+def stream_events(server: Server, body: dict[str, Any]) -> list[dict[str, Any]]:
+    decoder = SSEDecoder()
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{server.url}/textgen/stream", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for chunk in response.iter_raw():
+            events.extend(decoder.feed(chunk))
+    assert not decoder.pending
+    return events
+
+
+def predict(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}/textgen/predict", json=body, timeout=60)
+
+
+def test_predict_answers_every_field(server: Server) -> None:
+    response = predict(server, {**PROMPT, "request_id": "req-1"})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == RESPONSE_FIELDS
+    assert body["request_id"] == "req-1"
+    assert body["model_type"] == "text_generation"
+    assert body["model_name"] == "tiny"
+    assert body["finish_reason"] in ("stop", "length")
+    assert 0 < body["completion_tokens"] <= 12
+    assert body["metadata"]["batch_size"] == 1
+
+
+def test_server_makes_a_request_id_when_absent(server: Server) -> None:
+    first, second = (predict(server, PROMPT).json()["request_id"] for _ in range(2))
+    assert re.fullmatch(r"[0-9a-f-]{36}", first)
+    assert first != second
+
+
+def test_stream_sends_tokens_then_one_result_equal_to_greedy_predict(server: Server) -> None:
+    events = stream_events(server, {**PROMPT, "request_id": "req-2"})
+    *tokens, result = events
+    assert tokens and all(event["type"] == "token" and event["done"] is False for event in tokens)
+    assert [event["index"] for event in tokens] == list(range(len(tokens)))
+    assert result["type"] == "result"
+    assert result["done"] is True
+    assert set(result) == RESPONSE_FIELDS | {"type", "done"}
+    assert result["request_id"] == "req-2"
+    assert result["text"] == "".join(event["text"] for event in tokens)
+    assert result["text"] == predict(server, PROMPT).json()["text"]
+
+
+def test_concurrent_predicts_are_batched_and_each_gets_its_own_answer(server: Server) -> None:
+    bodies = [{**PROMPT, "prompt": f"story number {i} begins", "request_id": f"batch-{i}"} for i in range(16)]
+    alone = [predict(server, body).json()["text"] for body in bodies[:4]]
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=b) for b in bodies))
+
+    answers = [response.json() for response in asyncio.run(all_at_once())]
+    assert [answer["request_id"] for answer in answers] == [body["request_id"] for body in bodies]
+    sizes = [answer["metadata"]["batch_size"] for answer in answers]
+    model_calls = sum(1 / size for size in sizes)  # each call's members all report its size
+    assert max(sizes) > 1
+    assert round(model_calls) < 16
+    assert [answer["text"] for answer in answers[:4]] == alone
+
+
+def test_an_error_in_one_request_does_not_fail_its_batch(server: Server) -> None:
+    bodies = [{**PROMPT, "request_id": f"iso-{i}"} for i in range(6)]
+    bodies[3]["model_name"] = "fail-in-batch"
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=b) for b in bodies))
+
+    responses = asyncio.run(all_at_once())
+    assert [r.status_code for r in responses] == [200, 200, 200, 500, 200, 200]
+    assert responses[3].json() == {"detail": "InjectedFault: injected for this request"}
+    assert max(r.json()["metadata"]["batch_size"] for r in responses if r.status_code == 200) > 1
+
+
+def test_a_failure_after_the_first_event_ends_the_stream_with_an_error_event(server: Server) -> None:
+    events = stream_events(server, {**PROMPT, "model_name": "fail-mid-stream"})
+    assert [event["type"] for event in events] == ["token", "token", "error"]
+    assert events[-1]["done"] is True
+    assert events[-1]["error"] == "InjectedFault: injected after two events"
+    assert predict(server, PROMPT).status_code == 200  # and the server goes on serving
+
+
+BAD_BODIES = {
+    "malformed JSON": ('{"model_type": "text_generation", "prompt": ', "body"),
+    "missing field": ('{"model_type": "text_generation", "messages": [{"role": "user"}]}', "content"),
+    "wrong type": ('{"model_type": "text_generation", "prompt": "hi", "max_new_tokens": "many"}', "max_new_tokens"),
+    "wrong model_type": ('{"model_type": "diffusion", "prompt": "hi"}', "model_type"),
+    "out of range": ('{"model_type": "text_generation", "prompt": "hi", "temperature": -1}', "temperature"),
+    "neither prompt nor messages": ('{"model_type": "text_generation"}', "prompt"),
+    "not an object": ("[1, 2]", "body"),
+    "over the token limit": (
+        '{"model_type": "text_generation", "prompt": "hi", "max_new_tokens": 31000}',
+        "max_new_tokens",
+    ),
+}
+
+
+@pytest.mark.parametrize("route", ["predict", "stream"])
+@pytest.mark.parametrize("case", BAD_BODIES)
+def test_bad_input_is_a_422_naming_the_field(server: Server, route: str, case: str) -> None:
+    body, field = BAD_BODIES[case]
+    response = httpx.post(
+        f"{server.url}/textgen/{route}", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    detail = response.json()["detail"]
+    assert field in json.dumps(detail)
+
+
+def test_unknown_deployment_is_404(server: Server) -> None:
+    assert httpx.post(f"{server.url}/nosuch/predict", json=PROMPT).status_code == 404
+
+
+def test_health_and_ready(server: Server) -> None:
+    assert httpx.get(f"{server.url}/textgen/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/textgen/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "model": "textgen"}
+
+
+def test_a_dropped_stream_stops_generation_and_frees_the_server(server: Server) -> None:
+    body = {**PROMPT, "request_id": "dropped-1", "max_new_tokens": 30000}
+    with httpx.stream("POST", f"{server.url}/textgen/stream", json=body, timeout=60) as response:
+        decoder, received = SSEDecoder(), 0
+        for chunk in response.iter_raw():
+            received += len(decoder.feed(chunk))
+            if received >= 3:
+                break
+    deadline = time.monotonic() + 30
+    while not (match := re.search(r"stream dropped-1 cancelled after (\d+) tokens", server.log_text())):
+        assert time.monotonic() < deadline, "the server never stopped generating"
+        time.sleep(0.1)
+    assert int(match.group(1)) < 30000
+    assert predict(server, PROMPT).status_code == 200

@@ -1,0 +1,142 @@
+"""SSE framing and decoding, and the thread-to-event-loop bridge."""
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Generator
+from contextlib import aclosing
+
+import pytest
+
+from sheaf.api import ErrorEvent, ResultEvent, TextGenerationResponse, TokenEvent
+from sheaf.streaming import SSEDecoder, encode_event, error_event, iterate_in_thread, parse_frame
+
+RESULT: ResultEvent[TextGenerationResponse] = ResultEvent(
+    response=TextGenerationResponse(
+        request_id="r", model_name="m", text="héllo ✓", finish_reason="stop", prompt_tokens=1, completion_tokens=2
+    )
+)
+
+
+def test_events_are_framed_as_one_ascii_data_line() -> None:
+    frame = encode_event(TokenEvent(text="né\n", index=3))
+    assert frame.startswith("data: ") and frame.endswith("\n\n")
+    assert frame.isascii()
+    assert frame.count("\n") == 2
+    assert json.loads(frame[6:]) == {"type": "token", "text": "né\n", "index": 3, "done": False}
+
+
+def test_result_events_are_flat_on_the_wire() -> None:
+    payload = json.loads(encode_event(RESULT)[6:])
+    assert payload["type"] == "result" and payload["done"] is True
+    assert payload["text"] == "héllo ✓"
+    assert "response" not in payload
+
+
+def test_error_event_names_the_exception() -> None:
+    event = error_event(ValueError("bad thing"))
+    assert event == ErrorEvent(error="ValueError: bad thing", code="backend_error")
+
+
+def test_decoder_reassembles_events_split_at_every_byte() -> None:
+    events = [TokenEvent(text="a", index=0), TokenEvent(text="✓", index=1), RESULT]
+    wire = "".join(encode_event(event) for event in events).encode()
+    for size in (1, 2, 3, 7, 64, len(wire)):
+        decoder = SSEDecoder()
+        decoded = [payload for i in range(0, len(wire), size) for payload in decoder.feed(wire[i : i + size])]
+        assert [payload["type"] for payload in decoded] == ["token", "token", "result"]
+        assert decoded[1]["text"] == "✓"
+        assert not decoder.pending
+
+
+def test_decoder_accepts_crlf_comments_and_multiline_data() -> None:
+    decoder = SSEDecoder()
+    wire = b': heartbeat\r\n\r\ndata: {"type": "token",\r\ndata: "text": "x", "index": 0}\r\n\r\n'
+    assert decoder.feed(wire) == [{"type": "token", "text": "x", "index": 0}]
+
+
+def test_a_frame_that_is_not_an_event_is_refused() -> None:
+    with pytest.raises(ValueError):
+        parse_frame("data: [1, 2]")
+    assert parse_frame(": only a comment") is None
+
+
+def test_iterate_in_thread_hands_over_items_as_they_come() -> None:
+    def produce(cancel: threading.Event) -> Generator[float, None, None]:
+        for _ in range(3):
+            yield time.monotonic()
+            time.sleep(0.2)
+
+    async def consume() -> list[float]:
+        return [time.monotonic() - produced async for produced in iterate_in_thread(produce)]
+
+    delays = asyncio.run(consume())
+    assert len(delays) == 3
+    assert max(delays) < 0.15  # each item arrives long before the producer's next one
+
+
+def test_iterate_in_thread_raises_the_producers_error_after_its_items() -> None:
+    def produce(cancel: threading.Event) -> Generator[int, None, None]:
+        yield 1
+        raise KeyError("gone")
+
+    async def consume() -> list[int]:
+        got = []
+        with pytest.raises(KeyError):
+            async for item in iterate_in_thread(produce):
+                got.append(item)
+        return got
+
+    assert asyncio.run(consume()) == [1]
+
+
+def test_a_consumer_that_stops_early_stops_the_producer() -> None:
+    closed = threading.Event()
+    produced = []
+
+    def produce(cancel: threading.Event) -> Generator[int, None, None]:
+        try:
+            for i in range(1000):
+                if cancel.is_set():
+                    return
+                produced.append(i)
+                yield i
+                time.sleep(0.01)
+        finally:
+            closed.set()
+
+    async def consume() -> None:
+        async with aclosing(iterate_in_thread(produce)) as items:
+            async for item in items:
+                if item == 2:
+                    break
+
+    asyncio.run(consume())
+    assert closed.wait(2)
+    assert len(produced) < 10
+
+
+def test_a_cancelled_consumer_stops_the_producer() -> None:
+    stopped = threading.Event()
+
+    def produce(cancel: threading.Event) -> Generator[int, None, None]:
+        for i in range(1000):
+            if cancel.wait(0.01):
+                stopped.set()
+                return
+            yield i
+
+    async def consume() -> None:
+        async for _ in iterate_in_thread(produce):
+            pass
+
+    async def cancel_soon() -> None:
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_soon())
+    assert stopped.wait(2)
