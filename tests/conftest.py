@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny model built on the fly and a real `bentoml serve` on 127.0.0.1."""
 
 import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing here may reach a model hub
+
 import signal
 import socket
 import subprocess

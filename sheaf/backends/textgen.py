@@ -1,0 +1,546 @@
+"""Text generation with a transformers causal LM: batched, sampled per request, streamed.
+
+One `model.generate` call serves a whole batch, yet every row keeps its own settings:
+`_RowSampler` picks each row's next token with that row's temperature, top_p and random
+generator (generate itself then only takes the one token left possible), and `_RowStopper`
+ends each row at its own max_new_tokens, stop strings or EOS. So a request's text does not
+depend on which other requests shared its batch: the same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
+from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
+from sheaf.backends.base import Backend
+from sheaf.config import DeploymentConfig
+from sheaf.exceptions import InvalidRequest
+
+logger = logging.getLogger("sheaf.backends.textgen")
+
+CACHE_DIR_ENV = "SHEAF_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/sheaf"
+# How long closing a stream waits for its generate thread, which stops within one token.
+_JOIN_TIMEOUT_S = 30.0
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class TextGenerationOptions(BaseModel):
+    """`options:` of a text generation deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens_limit: int = Field(1024, ge=1, description="Requests asking for more new tokens get 422.")
+
+
+class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationResponse]):
+    request_model = TextGenerationRequest
+    options_model = TextGenerationOptions
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self._options: TextGenerationOptions = self.options()
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._context = 0
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            raise RuntimeError("the model is not loaded: call load() first")
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("the tokenizer is not loaded: call load() first")
+        return self._tokenizer
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        weights = self._weights_location()
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
+        model.to(_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
+        model.eval()  # type: ignore[no-untyped-call]
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(f"{weights}: the tokenizer has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self._eos_ids = _eos_ids(model, tokenizer)
+        # Sampling happens per row in `_RowSampler`: the checkpoint's own defaults (temperature,
+        # repetition penalty ...) must not apply on top, so generate gets a neutral config.
+        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=sorted(self._eos_ids) or None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        self._context = _context_length(model, tokenizer)
+        self._model, self._tokenizer = model, tokenizer
+        logger.info(
+            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, _elapsed_ms(started) / 1000
+        )
+
+    def _weights_location(self) -> str:
+        """A folder or hub id that from_pretrained reads; a package's GGUF file is converted once into the cache."""
+        source = self.config.model
+        if source.path:
+            return source.path
+        if source.hub:
+            return source.hub
+        if not source.package:
+            raise ValueError("model source names no path, package or hub id")
+        found = _find_package_file(source.package, source.file or "*.gguf")
+        if found.is_dir():
+            return str(found)
+        if found.suffix != ".gguf":
+            raise ValueError(f"{found}: expected a .gguf file or a model folder inside package {source.package}")
+        cached = _cache_root() / _cache_name(source.package, found)
+        if not cached.is_dir():
+            _convert_gguf(found, cached)
+        return str(cached)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def predict_batch(self, requests: Sequence[TextGenerationRequest]) -> list[TextGenerationResponse | Exception]:
+        prepared = [self._prepare(request) for request in requests]
+        rows = [item for item in prepared if isinstance(item, _Decoding)]
+        failure: Exception | None = None
+        metadata: dict[str, Any] = {"batch_size": len(rows)}
+        if rows:
+            started = time.perf_counter()
+            try:
+                self._generate(rows)
+            except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
+                logger.exception("generate failed for a batch of %d", len(rows))
+                failure = exc
+            metadata["inference_ms"] = _elapsed_ms(started)
+        return [self._outcome(item, failure, metadata) for item in prepared]
+
+    def _outcome(
+        self, item: _Decoding | Exception, failure: Exception | None, metadata: dict[str, Any]
+    ) -> TextGenerationResponse | Exception:
+        if isinstance(item, Exception):
+            return item
+        if failure is not None:
+            return failure
+        return self._response(item, item.text(), item.finish_reason or "length", dict(metadata))
+
+    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+        decoding = self._prepare(request)
+        if isinstance(decoding, Exception):
+            raise decoding
+        halt = threading.Event()  # stops generate when the consumer closes the stream early
+        streamer = _TextStreamer(decoding)
+        started = time.perf_counter()
+        worker = threading.Thread(
+            target=self._generate_streaming,
+            args=(decoding, streamer, lambda: cancel.is_set() or halt.is_set()),
+            name=f"sheaf-textgen-stream-{request.request_id}",
+            daemon=True,
+        )
+        worker.start()
+        closed = False
+        try:
+            index = 0
+            while (piece := streamer.queue.get()) is not None:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield TokenEvent(text=piece, index=index)
+                index += 1
+            # The thread has ended: what it held back (a partial character, a possible stop string) goes out now.
+            final = decoding.text()
+            rest = final[len(streamer.released) :] if final.startswith(streamer.released) else ""
+            if rest:
+                yield TokenEvent(text=rest, index=index)
+        except GeneratorExit:
+            closed = True
+            raise
+        finally:
+            halt.set()
+            worker.join(_JOIN_TIMEOUT_S)
+            if closed and decoding.finish_reason is None:
+                _log_cancelled(decoding)
+        finish_reason: FinishReason = decoding.finish_reason or "cancelled"
+        if finish_reason == "cancelled":
+            _log_cancelled(decoding)
+        metadata = {"batch_size": 1, "inference_ms": _elapsed_ms(started)}
+        yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
+
+    def _prepare(self, request: TextGenerationRequest) -> _Decoding | Exception:
+        try:
+            prompt_ids = self._encode(request)
+        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
+            return exc
+        return _Decoding(self.tokenizer, request, prompt_ids, self._eos_ids)
+
+    def _encode(self, request: TextGenerationRequest) -> list[int]:
+        """The prompt's token ids; InvalidRequest when this deployment cannot take the request."""
+        limit = self._options.max_new_tokens_limit
+        if request.max_new_tokens > limit:
+            raise InvalidRequest(
+                "max_new_tokens", f"{request.max_new_tokens} is above this deployment's limit of {limit}"
+            )
+        field = "messages" if request.prompt is None else "prompt"
+        prompt_ids = self._prompt_ids(request)
+        if not prompt_ids:
+            raise InvalidRequest(field, "is empty once tokenized")
+        if len(prompt_ids) >= self._context:
+            raise InvalidRequest(field, f"is {len(prompt_ids)} tokens; the model's context is {self._context} tokens")
+        if len(prompt_ids) + request.max_new_tokens > self._context:
+            raise InvalidRequest(
+                "max_new_tokens",
+                f"{request.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt "
+                f"exceed the model's context of {self._context} tokens",
+            )
+        return prompt_ids
+
+    def _prompt_ids(self, request: TextGenerationRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        if request.prompt is not None:
+            return list(tokenizer(request.prompt, verbose=False)["input_ids"])  # our own length check speaks
+        if not tokenizer.chat_template:
+            raise InvalidRequest("messages", "this model has no chat template; send `prompt` instead")
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [message.model_dump() for message in request.messages], tokenize=False, add_generation_prompt=True
+            )
+        except jinja2.TemplateError as exc:  # templates reject some turn orders or roles with raise_exception()
+            raise InvalidRequest("messages", str(exc)) from exc
+        # The template writes the model's special tokens itself; adding them again would double the BOS.
+        return list(tokenizer(str(rendered), add_special_tokens=False, verbose=False)["input_ids"])
+
+    def _generate(
+        self, rows: Sequence[_Decoding], halt: Callable[[], bool] = lambda: False, streamer: BaseStreamer | None = None
+    ) -> None:
+        """One left-padded generate call for all rows; each row's outcome lands in its `_Decoding`."""
+        model = self.model
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(row.prompt_ids) for row in rows)
+        padding = [width - len(row.prompt_ids) for row in rows]
+        input_ids = [[pad_id] * pad + row.prompt_ids for pad, row in zip(padding, rows, strict=True)]
+        attention_mask = [[0] * pad + [1] * len(row.prompt_ids) for pad, row in zip(padding, rows, strict=True)]
+        model.generate(  # type: ignore[operator]  # causal LM classes mix generate into PreTrainedModel
+            input_ids=torch.tensor(input_ids, device=model.device),
+            attention_mask=torch.tensor(attention_mask, device=model.device),
+            max_new_tokens=max(row.request.max_new_tokens for row in rows),
+            do_sample=False,  # `_RowSampler` leaves a single possible token per row
+            logits_processor=LogitsProcessorList([_RowSampler([_Sampling.of(row.request) for row in rows])]),
+            stopping_criteria=StoppingCriteriaList([_RowStopper(rows, halt)]),
+            streamer=streamer,
+        )
+
+    def _generate_streaming(self, decoding: _Decoding, streamer: _TextStreamer, halt: Callable[[], bool]) -> None:
+        """Body of a stream's generate thread: its failure goes to the consumer, which re-raises it."""
+        try:
+            self._generate([decoding], halt, streamer)
+        except BaseException as exc:  # not swallowed: the consumer re-raises it in its own thread
+            streamer.queue.put(exc)
+        finally:
+            streamer.queue.put(None)
+
+    def _response(
+        self, decoding: _Decoding, text: str, finish_reason: FinishReason, metadata: dict[str, Any]
+    ) -> TextGenerationResponse:
+        request = decoding.request
+        return TextGenerationResponse(
+            request_id=request.request_id,
+            model_name=request.model_name,
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=len(decoding.prompt_ids),
+            completion_tokens=decoding.completion_tokens(),
+            metadata=metadata,
+        )
+
+
+class _Decoding:
+    """One request's progress through generate: its new tokens, its text, and why it finished."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        request: TextGenerationRequest,
+        prompt_ids: list[int],
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.tokens: list[int] = []
+        self.finish_reason: Literal["stop", "length"] | None = None
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._stop_at: int | None = None  # where the first stop string begins in the decoded text
+        self._decoded = (0, "")  # (token count, text) of the last decode
+
+    def push(self, token: int) -> bool:
+        """Take the row's next token; True once the row has finished (later tokens are padding)."""
+        if self.finish_reason is not None:
+            return True
+        if token in self._eos_ids:
+            self.finish_reason = "stop"
+            return True
+        self.tokens.append(token)
+        if self.request.stop:
+            self._stop_at = _first_stop(self.full_text(), self.request.stop)
+        if self._stop_at is not None:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def full_text(self) -> str:
+        if self._decoded[0] != len(self.tokens):
+            self._decoded = (len(self.tokens), self._decode(self.tokens))
+        return self._decoded[1]
+
+    def text(self) -> str:
+        """The text so far, cut before the first stop string."""
+        full = self.full_text()
+        return full if self._stop_at is None else full[: self._stop_at]
+
+    def completion_tokens(self) -> int:
+        """Tokens up to the cut: the fewest leading tokens whose text reaches it (best effort)."""
+        if self._stop_at is None:
+            return len(self.tokens)
+        count = len(self.tokens)
+        while count > 0 and len(self._decode(self.tokens[: count - 1])) >= self._stop_at:
+            count -= 1
+        return count
+
+    def _decode(self, tokens: list[int]) -> str:
+        # No clean-up of spaces: it rewrites text already decoded (" ." -> "."), and a stream
+        # must be able to send a text's beginning before its end is known.
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+@dataclass
+class _Sampling:
+    """How one row picks its tokens; its own generator keeps it independent of the batch."""
+
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+
+    @classmethod
+    def of(cls, request: TextGenerationRequest) -> _Sampling:
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        return cls(request.temperature, request.top_p, generator)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        if self.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.to("cpu", torch.float64) / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probs = _nucleus(probs, self.top_p)
+        # Inverse CDF in vocabulary order: a batch's slightly different rounding moves the bounds
+        # by a hair, where sorting by probability could swap two near-equal tokens outright.
+        cumulative = torch.cumsum(probs, dim=0)
+        draw = torch.rand((), generator=self.generator, dtype=torch.float64) * cumulative[-1]
+        return min(int(torch.searchsorted(cumulative, draw, right=True)), probs.numel() - 1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest most-likely set whose mass reaches top_p."""
+    ordered, order = torch.sort(probs, descending=True, stable=True)
+    mass_before = torch.cumsum(ordered, dim=0) - ordered
+    kept = probs.clone()
+    kept[order[mass_before >= top_p]] = 0.0
+    return kept
+
+
+class _RowSampler(LogitsProcessor):
+    """Chooses each row's next token itself and masks every other token, so greedy generate takes it."""
+
+    def __init__(self, rows: list[_Sampling]) -> None:
+        self._rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        picks = [row.pick(logits) for row, logits in zip(self._rows, scores, strict=True)]
+        forced = torch.full_like(scores, float("-inf"))
+        forced[torch.arange(len(picks), device=scores.device), torch.tensor(picks, device=scores.device)] = 0.0
+        return forced
+
+
+class _RowStopper(StoppingCriteria):
+    """Feeds each row its new token and reports which rows are finished; all of them once `halt()` says so."""
+
+    def __init__(self, rows: Sequence[_Decoding], halt: Callable[[], bool]) -> None:
+        self._rows = rows
+        self._halt = halt
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        finished = [row.push(token) for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True)]
+        if self._halt():
+            finished = [True] * len(finished)
+        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _TextStreamer(BaseStreamer):
+    """Runs in the generate thread: queues each newly settled piece of text for the consuming generator.
+
+    Text is held back while it ends in an incomplete character or could be the start of a stop
+    string; the consumer sends the rest once the thread ends. None on the queue marks that end.
+    """
+
+    def __init__(self, decoding: _Decoding) -> None:
+        self.queue: queue.Queue[str | BaseException | None] = queue.Queue()
+        self.released = ""
+        self._decoding = decoding
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate hands over the prompt first
+            self._prompt_seen = True
+            return
+        text = self._decoding.text()  # `_RowStopper` has already taken this step's token
+        end = len(text) if self._decoding.finish_reason else _releasable_end(text, self._decoding.request.stop)
+        if end > len(self.released) and text.startswith(self.released):
+            piece = text[len(self.released) : end]
+            self.released += piece
+            self.queue.put(piece)
+
+    def end(self) -> None:
+        """Nothing to do: the thread running generate marks the end, failure included."""
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found, default=None)
+
+
+def _releasable_end(text: str, stops: Sequence[str]) -> int:
+    """How much of a running text may go out: not a trailing partial character, nor a suffix that may begin a stop."""
+    end = len(text.rstrip("\ufffd"))
+    held = max(
+        (
+            size
+            for stop in stops
+            for size in range(1, min(len(stop) - 1, end) + 1)
+            if text.endswith(stop[:size], 0, end)
+        ),
+        default=0,
+    )
+    return end - held
+
+
+def _log_cancelled(decoding: _Decoding) -> None:
+    logger.info("stream %s cancelled after %d tokens", decoding.request.request_id, len(decoding.tokens))
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every token that ends a reply: the checkpoint's generation config may list several."""
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return frozenset(i for i in ids if isinstance(i, int))
+
+
+def _context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(value := getattr(config, key, None), int):
+            return value
+    # Tokenizers without a real limit report a huge sentinel; only trust a plausible one.
+    if tokenizer.model_max_length < 10_000_000:
+        return int(tokenizer.model_max_length)
+    raise ValueError("cannot tell the model's context length from its config or tokenizer")
+
+
+def _find_package_file(package: str, pattern: str) -> Path:
+    """The one file (or folder) matching `pattern` in an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    matches = sorted(folder.glob(pattern))
+    if not matches:
+        raise FileNotFoundError(f"no file matching {pattern!r} in package {package} ({folder})")
+    if len(matches) > 1:
+        names = ", ".join(match.name for match in matches)
+        raise ValueError(f"{pattern!r} matches several files in package {package} ({names}); name one in `model.file`")
+    return matches[0]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser() / "models"
+
+
+def _cache_name(package: str, gguf: Path) -> str:
+    """Names the exact file: a reinstalled or upgraded package gets a fresh conversion."""
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{package}--{gguf.stem}--{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint into a transformers folder at `dest`, which appears whole or not at all."""
+    started = time.perf_counter()
+    logger.info("converting %s into %s (once)", gguf, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF cannot be saved as it is; a fresh one of the same config takes its weights and can.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # else another process converted it first; use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted %s in %.1f s", gguf.name, _elapsed_ms(started) / 1000)

