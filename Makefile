@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint format clean
+.PHONY: install system-deps serve test lint format clean
 
 install: $(STAMP)
 
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 serve: install
+	@# The demo Feast repo that configs/forecast.yaml reads (quick once it exists).
+	$(BIN)/python -m sheaf.features .feast-demo
 	$(BIN)/bentoml serve bentos.gateway:Sheaf --host $(HOST) --port $(PORT)
 
 lint: install
@@ -26,7 +28,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Debian packages the tests use: espeak-ng speaks the test audio; redis-server backs the production feature store.
+system-deps:
+	@command -v espeak-ng >/dev/null && command -v redis-server >/dev/null && command -v curl >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng redis-server curl >/dev/null; }
+
+test: lint system-deps
 	$(BIN)/pytest
 
 format: install

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR_ENV = "SHEAF_CONFIG_DIR"
+CACHE_DIR_ENV = "SHEAF_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/sheaf"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -22,18 +27,20 @@ class _Strict(BaseModel):
 
 
 class ModelSource(_Strict):
-    """Where the weights come from: exactly one of a local path, a Python package that ships them, or a hub id."""
+    """Where the weights come from: exactly one of a local path, a Python package that ships
+    them, a hub id, or a builder that makes them (once, into the cache)."""
 
     path: str | None = None
     package: str | None = Field(None, description="Import name of a package that carries the weights.")
     file: str | None = Field(None, description="Glob for the weights file inside `package`.")
     hub: str | None = Field(None, description="Hub id, for machines that can reach a model hub.")
+    build: str | None = Field(None, description="`module:function(dest: Path) -> Path` that writes the weights.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        given = [k for k in ("path", "package", "hub") if getattr(self, k)]
+        given = [k for k in ("path", "package", "hub", "build") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("give exactly one of `path`, `package` and `hub`")
+            raise ValueError("give exactly one of `path`, `package`, `hub` and `build`")
         return self
 
 
@@ -46,6 +53,20 @@ class Batching(_Strict):
     max_latency_ms: int = Field(60_000, ge=1)
 
 
+class Cache(_Strict):
+    """The predict cache (streams never use it)."""
+
+    enabled: bool = False
+    max_entries: int = Field(1024, ge=1)
+    ttl_s: float = Field(60.0, gt=0)
+
+
+class FeatureStore(_Strict):
+    """The Feast repo that resolves a request's `feature_ref` into its `history`."""
+
+    repo: str = Field(description="Folder holding feature_store.yaml; relative to this config file.")
+
+
 class DeploymentConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Route prefix: /{name}/predict.")
     backend: str | None = Field(None, description="`module:Class` to use instead of the deployment's own backend.")
@@ -54,6 +75,9 @@ class DeploymentConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batching: Batching = Batching()
     timeout_s: float = Field(300.0, gt=0, description="Longest a request may take, end to end.")
+    max_body_mb: float = Field(32.0, gt=0, description="Larger request bodies get 413 before anything runs.")
+    cache: Cache = Cache()
+    feature_store: FeatureStore | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
 
@@ -78,6 +102,33 @@ def load_config(path: Path) -> DeploymentConfig:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
         raise ConfigError(f"{path}: {key}: {first['msg']}") from None
-    if config.model.path and not Path(config.model.path).is_absolute():
-        config.model.path = str((path.parent / config.model.path).resolve())
+    if config.model.path:
+        config.model.path = str((path.parent / Path(config.model.path).expanduser()).resolve())
+    if config.feature_store:
+        config.feature_store.repo = str((path.parent / Path(config.feature_store.repo).expanduser()).resolve())
     return config
+
+
+def cache_dir() -> Path:
+    """Where converted or built weights are kept between starts (`SHEAF_CACHE_DIR`)."""
+    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
+
+
+def built_weights(builder: str) -> Path:
+    """The folder a `build` source writes, made once per builder into the cache."""
+    module, _, name = builder.partition(":")
+    dest = cache_dir() / "built" / builder.replace(":", "--")
+    if not dest.is_dir():
+        build = getattr(importlib.import_module(module), name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            build(staging)
+            try:
+                staging.rename(dest)
+            except OSError:
+                if not dest.is_dir():  # else another process built it first: use theirs
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest

@@ -55,10 +55,16 @@ def gateway_routes(*deployments: bentoml.Service[Any] | None) -> type:
 
 
 def serve_contract(gateway: bentoml.Service[Any]) -> None:
-    """Add the GET probes and the 422 answer for invalid bodies to the entry service."""
-    names = list(gateway.dependencies)
-    gateway.mount_asgi_app(_probes(names), path="/", name="probes")
+    """Add the GET probes, the 413 for oversized bodies and the 422 for invalid ones to the entry service."""
+    deployments = {name: dependency.on for name, dependency in gateway.dependencies.items()}
+    gateway.mount_asgi_app(_probes(list(deployments)), path="/", name="probes")
     gateway.add_asgi_middleware(ValidationErrorsAs422)
+    limits = {
+        f"/{name}/{route}": int(service.inner.deployment_config.max_body_mb * 1024 * 1024)
+        for name, service in deployments.items()
+        for route in ("predict", "stream")
+    }
+    gateway.add_asgi_middleware(BodySizeLimit, limits=limits)
 
 
 def _api(name: str, route: str, func: Any) -> Any:
@@ -179,6 +185,61 @@ def _probes(names: list[str]) -> Starlette:
     routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in names]
     routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in names]
     return Starlette(routes=routes)
+
+
+class BodySizeLimit:
+    """413 for a body over its deployment's `max_body_mb`, decided before BentoML reads it."""
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limits.get(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await _too_large(send, limit)
+                return
+            await self.app(scope, receive, send)
+            return
+        # No declared length (chunked): read up to the limit here, then hand the body on whole.
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _too_large(send, limit)
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    content = json.dumps({"detail": f"request body is larger than this deployment's limit of {limit} bytes"})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": content.encode()})
 
 
 class ValidationErrorsAs422:

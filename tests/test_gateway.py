@@ -140,6 +140,18 @@ def test_bad_input_is_a_422_naming_the_field(server: Server, route: str, case: s
     assert field in json.dumps(detail)
 
 
+@pytest.mark.parametrize("route", ["predict", "stream"])
+def test_a_body_over_the_limit_is_413_declared_or_chunked(server: Server, route: str) -> None:
+    body = json.dumps({**PROMPT, "prompt": "x" * (1024 * 1024 + 10)}).encode()
+    declared = httpx.post(f"{server.url}/textgen/{route}", content=body, timeout=30)
+    chunked = httpx.post(f"{server.url}/textgen/{route}", content=iter([body[:1000], body[1000:]]), timeout=30)
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert "limit" in response.json()["detail"]
+    small = httpx.post(f"{server.url}/textgen/{route}", content=iter([json.dumps(PROMPT).encode()]), timeout=30)
+    assert small.status_code == 200  # a chunked body under the limit is passed on whole
+
+
 def test_unknown_deployment_is_404(server: Server) -> None:
     assert httpx.post(f"{server.url}/nosuch/predict", json=PROMPT).status_code == 404
 

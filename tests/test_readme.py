@@ -1,8 +1,10 @@
 """The README's examples, run against `make serve`'s own configs (real SmolLM2 weights)."""
 
+import base64
 import json
 import re
 import shlex
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,12 @@ README = (ROOT / "README.md").read_text()
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> Iterator[Server]:
+    from sheaf.features import create_demo_repo
+
+    create_demo_repo(ROOT / ".feast-demo")  # as `make serve` does
     home = tmp_path_factory.mktemp("default-serve")
-    yield from serve(ROOT / "configs", home / "server.log", env={"SHEAF_CACHE_DIR": str(smollm2_cache)})
+    env = {"SHEAF_CACHE_DIR": str(smollm2_cache)}
+    yield from serve(ROOT / "configs", home / "server.log", env=env, ready=("textgen", "flux", "whisper", "forecast"))
 
 
 def blocks(language: str) -> list[str]:
@@ -32,27 +38,59 @@ def test_readme_opens_with_the_two_set_up_commands() -> None:
     assert first.splitlines()[1].startswith("make test")
 
 
-def test_the_curl_example_streams_tokens_then_real_text(default_server: Server) -> None:
-    curl = next(block for block in blocks("bash") if "curl -N" in block)
-    words = shlex.split(curl.replace("\\\n", " "))
-    route = next(word for word in words if word.startswith("127.0.0.1:3000/"))
-    body = json.loads(words[words.index("-d") + 1])
-    url = default_server.url + route.removeprefix("127.0.0.1:3000")
+def curl_example(name: str) -> str:
+    return next(block for block in blocks("bash") if f"127.0.0.1:3000/{name}/" in block)
 
-    reads: list[list[dict[str, Any]]] = []
-    decoder = SSEDecoder()
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
-        assert response.status_code == 200
-        for chunk in response.iter_raw():
-            reads.append(decoder.feed(chunk))
-    events = [event for read in reads for event in read]
-    *tokens, result = events
+
+def run_example(block: str, server: Server, cwd: Path) -> str:
+    """Run a README shell example as written, against the test server."""
+    script = block.replace("127.0.0.1:3000", server.url.removeprefix("http://"))
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_textgen_example_streams_real_text(default_server: Server, tmp_path: Path) -> None:
+    *tokens, result = SSEDecoder().feed(run_example(curl_example("textgen"), default_server, tmp_path))
     assert len(tokens) > 5 and {event["type"] for event in tokens} == {"token"}
     assert result["type"] == "result"
     assert result["text"] == "".join(event["text"] for event in tokens)
     assert "Paris" in result["text"]
-    # Tokens went out as they were produced, in many network reads, long before the result.
+
+
+def test_textgen_tokens_leave_as_they_are_generated(default_server: Server) -> None:
+    words = shlex.split(curl_example("textgen").replace("\\\n", " "))
+    body = json.loads(words[words.index("-d") + 1])
+    reads: list[list[dict[str, Any]]] = []
+    decoder = SSEDecoder()
+    with httpx.stream("POST", f"{default_server.url}/textgen/stream", json=body, timeout=120) as response:
+        for chunk in response.iter_raw():
+            reads.append(decoder.feed(chunk))
+    tokens = [event for read in reads for event in read if event["type"] == "token"]
+    # Many network reads, not one at the end: the tokens went out while the model was still generating.
     assert len([read for read in reads if read]) > len(tokens) // 2
+
+
+def test_the_flux_example_streams_progress_then_an_image(default_server: Server, tmp_path: Path) -> None:
+    *progress, result = SSEDecoder().feed(run_example(curl_example("flux"), default_server, tmp_path))
+    assert [event["step"] for event in progress] == list(range(1, 9))
+    assert result["type"] == "result" and (result["width"], result["height"], result["seed"]) == (256, 256, 7)
+    assert base64.b64decode(result["image_b64"]).startswith(b"\x89PNG")
+
+
+def test_the_whisper_example_transcribes_speech(default_server: Server, tmp_path: Path) -> None:
+    *segments, result = SSEDecoder().feed(run_example(curl_example("whisper"), default_server, tmp_path))
+    assert segments and {event["type"] for event in segments} == {"segment"}
+    assert "tomorrow morning" in result["text"].lower()
+
+
+def test_the_forecast_example_answers_quantiles(default_server: Server, tmp_path: Path) -> None:
+    answer = json.loads(run_example(curl_example("forecast"), default_server, tmp_path))
+    assert len(answer["mean"]) == 24
+    assert set(answer["quantiles"]) == {"0.1", "0.5", "0.9"}
+    assert answer["metadata"]["feature"] == "series_history:values"
 
 
 def test_the_python_examples_run(default_server: Server, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from sheaf.api.audio import Segment
 from sheaf.api.base import BaseResponse
 
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
@@ -17,6 +18,25 @@ class TokenEvent(BaseModel):
     type: Literal["token"] = "token"
     text: str
     index: int
+    done: Literal[False] = False
+
+
+class ProgressEvent(BaseModel):
+    """Diffusion: a denoising step has finished."""
+
+    type: Literal["progress"] = "progress"
+    step: int
+    total_steps: int
+    done: Literal[False] = False
+    preview_b64: str | None = None
+    """A small PNG of the image so far, every `preview_every` steps when asked."""
+
+
+class SegmentEvent(BaseModel):
+    """Transcription: a segment has decoded."""
+
+    type: Literal["segment"] = "segment"
+    segment: Segment
     done: Literal[False] = False
 
 
@@ -40,10 +60,10 @@ class ResultEvent(BaseModel, Generic[ResponseT]):
         return {"type": "result", "done": True, **self.response.model_dump(mode="json")}
 
 
-StreamEvent = TokenEvent | ErrorEvent | ResultEvent[Any]
-"""Every event type a stream may carry. Progress and segment events join with their backends."""
+StreamEvent = TokenEvent | ProgressEvent | SegmentEvent | ErrorEvent | ResultEvent[Any]
+"""Every event type a stream may carry."""
 
-PROGRESS_EVENTS: dict[str, type[BaseModel]] = {"token": TokenEvent}
+PROGRESS_EVENTS: dict[str, type[BaseModel]] = {"token": TokenEvent, "progress": ProgressEvent, "segment": SegmentEvent}
 """The events before the terminal one, by their `type`."""
 
 

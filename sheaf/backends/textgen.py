@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import queue
 import shutil
 import tempfile
@@ -42,13 +41,11 @@ from transformers.generation.streamers import BaseStreamer
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
 from sheaf.backends.base import Backend
-from sheaf.config import DeploymentConfig
+from sheaf.config import DeploymentConfig, built_weights, cache_dir
 from sheaf.exceptions import InvalidRequest
 
 logger = logging.getLogger("sheaf.backends.textgen")
 
-CACHE_DIR_ENV = "SHEAF_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/sheaf"
 # How long closing a stream waits for its generate thread, which stops within one token.
 _JOIN_TIMEOUT_S = 30.0
 
@@ -116,12 +113,15 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         )
 
     def _weights_location(self) -> str:
-        """A folder or hub id that from_pretrained reads; a package's GGUF file is converted once into the cache."""
+        """A folder or hub id that from_pretrained reads; a package's GGUF file is converted once into the cache,
+        and a builder's weights are built once there."""
         source = self.config.model
         if source.path:
             return source.path
         if source.hub:
             return source.hub
+        if source.build:
+            return str(built_weights(source.build))
         if not source.package:
             raise ValueError("model source names no path, package or hub id")
         found = _find_package_file(source.package, source.file or "*.gguf")
@@ -129,7 +129,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             return str(found)
         if found.suffix != ".gguf":
             raise ValueError(f"{found}: expected a .gguf file or a model folder inside package {source.package}")
-        cached = _cache_root() / _cache_name(source.package, found)
+        cached = cache_dir() / "models" / _cache_name(source.package, found)
         if not cached.is_dir():
             _convert_gguf(found, cached)
         return str(cached)
@@ -508,10 +508,6 @@ def _find_package_file(package: str, pattern: str) -> Path:
         names = ", ".join(match.name for match in matches)
         raise ValueError(f"{pattern!r} matches several files in package {package} ({names}); name one in `model.file`")
     return matches[0]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser() / "models"
 
 
 def _cache_name(package: str, gguf: Path) -> str:

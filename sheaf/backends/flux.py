@@ -1,0 +1,502 @@
+"""Image generation with a diffusers FluxPipeline: LoRA adapters per request, batched, streamed.
+
+A predict batch is split into groups that can share one pipeline call: the same size, steps,
+guidance, negative prompt and adapter selection. Each group runs under the adapter lock
+(`sheaf.lora.AdapterLock`), which applies the group's selection and keeps every other use of
+the pipeline out until the call ends: LoRA selection in diffusers is global to the pipeline.
+
+A request's image depends only on the request, never on the batch it shared. Batched float
+math alone does not give that on CPU: small matrix products (the timestep and modulation
+projections, the image tokens of small images) and small convolutions take other kernels,
+with other rounding, when more samples share them. So every matrix product in the
+transformer is computed one sample at a time (the same shapes as a request alone), the
+prompts are encoded one at a time and the VAE decodes one image at a time; attention, norms,
+element-wise math and the scheduler stay batched, as they compute each sample the same way
+whatever the batch. The same seed gives the same PNG alone, in any batch, and streamed.
+
+The request's `guidance_scale` is passed to the pipeline as is (guidance-distilled models
+such as FLUX.1-dev embed it; schnell ignores it). A non-blank `negative_prompt` turns on true
+classifier-free guidance at that same scale, which diffusers applies when it is above 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
+from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
+from sheaf.backends.base import Backend
+from sheaf.config import DeploymentConfig, ModelSource, built_weights
+from sheaf.exceptions import InvalidRequest
+from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
+
+logger = logging.getLogger("sheaf.backends.flux")
+
+# diffusers' annotations do not describe its pipelines (their loader mixins and most signatures are
+# untyped), so the pipeline is handled as `Any` here rather than through a type that would mislead.
+_diffusers: Any = diffusers
+
+# How long closing a stream waits for its pipeline thread, which stops within one step.
+_JOIN_TIMEOUT_S = 60.0
+_SEED_BITS = 63
+
+
+class AdapterSpec(BaseModel):
+    """One LoRA adapter of a deployment, loaded once at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # peft keeps adapters in module dicts, whose keys may not contain dots.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="What requests call it in `adapters`.")
+    source: ModelSource
+    weight: float = Field(1.0, description="Its weight when a request gives none.")
+
+
+class FluxOptions(BaseModel):
+    """`options:` of a FLUX deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[AdapterSpec] = []
+    default_adapters: list[str] = Field([], description="Applied when a request's `adapters` is null.")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Requests with more pixels (height x width) get 422.")
+    preview_max_side: int = Field(128, ge=8, description="Longest side of a stream's preview images.")
+    max_sequence_length: int = Field(
+        512, ge=16, le=512, description="T5 prompt tokens; FLUX.1-schnell was trained with 256."
+    )
+
+    @model_validator(mode="after")
+    def _defaults_are_configured(self) -> FluxOptions:
+        names = [adapter.name for adapter in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique, got: {', '.join(names)}")
+        unknown = [name for name in self.default_adapters if name not in names]
+        if unknown:
+            raise ValueError(
+                f"default_adapters names {', '.join(unknown)}, not among the configured adapters "
+                f"({', '.join(names) or 'none'})"
+            )
+        if len(set(self.default_adapters)) != len(self.default_adapters):
+            raise ValueError("default_adapters must not name an adapter twice")
+        return self
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What requests must share to run in one pipeline call (with the adapter selection)."""
+
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+
+    @classmethod
+    def of(cls, request: DiffusionRequest) -> _Shape:
+        return cls(
+            request.height,
+            request.width,
+            request.num_inference_steps,
+            request.guidance_scale,
+            request.negative_prompt.strip(),
+        )
+
+
+@dataclass
+class _Job:
+    """A validated request: its adapter selection and the seed it runs with."""
+
+    request: DiffusionRequest
+    selection: Selection
+    seed: int
+
+    @property
+    def key(self) -> _GroupKey:
+        return _Shape.of(self.request), self.selection
+
+
+_GroupKey = tuple[_Shape, Selection]
+StepCallback = Callable[[int, torch.Tensor], None]
+"""Called after each denoising step with the 0-based step index and the packed latents."""
+
+
+class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
+    request_model = DiffusionRequest
+    options_model = FluxOptions
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self._options: FluxOptions = self.options()
+        self._default_weights = {adapter.name: adapter.weight for adapter in self._options.adapters}
+        self._pipe: Any = None  # a diffusers FluxPipeline
+        self._adapters: AdapterLock | None = None
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            raise RuntimeError("the pipeline is not loaded: call load() first")
+        return self._pipe
+
+    @property
+    def adapters(self) -> AdapterLock:
+        """The lock every use of the pipeline holds; it also applies each run's adapter selection."""
+        if self._adapters is None:
+            raise RuntimeError("the pipeline is not loaded: call load() first")
+        return self._adapters
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        weights = _location(self.config.model)
+        pipe = _diffusers.FluxPipeline.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
+        pipe.to(_device(self.config.device))
+        pipe.set_progress_bar_config(disable=True)  # a bar per call would flood the server log
+        for adapter in self._options.adapters:
+            pipe.load_lora_weights(_location(adapter.source), adapter_name=adapter.name)
+        # After the adapters: their LoRA layers hold linear layers too, and must be covered.
+        _per_sample_linears(pipe.transformer)
+        self._pipe = pipe
+        self._adapters = AdapterLock(self._apply_selection)
+        logger.info(
+            "loaded %s from %s with %d adapter(s) on %s in %.1f s",
+            self.config.name,
+            weights,
+            len(self._options.adapters),
+            pipe.device,
+            _elapsed_ms(started) / 1000,
+        )
+
+    def _apply_selection(self, selection: Selection) -> None:
+        """Make `selection` the pipeline's LoRA state; the lock calls it, so nothing else runs meanwhile."""
+        pipe = self.pipe
+        if not selection:
+            pipe.disable_lora()  # off outright: an empty selection never inherits the last one
+            return
+        pipe.enable_lora()
+        pipe.set_adapters([name for name, _ in selection], [weight for _, weight in selection])
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def selection(self, request: DiffusionRequest) -> Selection:
+        """The request's adapters with their weights, sorted by name; InvalidRequest for ones not configured."""
+        names = self._options.default_adapters if request.adapters is None else request.adapters
+        unknown = [name for name in names if name not in self._default_weights]
+        if unknown:
+            configured = ", ".join(self._default_weights) or "no adapters"
+            raise InvalidRequest("adapters", f"unknown adapter {unknown[0]!r}; this deployment has: {configured}")
+        if len(set(names)) != len(names):
+            raise InvalidRequest("adapters", "must not name an adapter twice")
+        if request.adapter_weights is None:
+            weights = [self._default_weights[name] for name in names]
+        elif len(request.adapter_weights) != len(names):
+            raise InvalidRequest(
+                "adapter_weights", f"gives {len(request.adapter_weights)} weights for {len(names)} adapters"
+            )
+        else:
+            weights = list(request.adapter_weights)
+        return tuple(sorted(zip(names, weights, strict=True)))
+
+    def predict_batch(self, requests: Sequence[DiffusionRequest]) -> list[DiffusionResponse | Exception]:
+        outcomes: dict[int, DiffusionResponse | Exception] = {}
+        groups: dict[_GroupKey, list[tuple[int, _Job]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                job = self._prepare(request)
+            except Exception as exc:  # InvalidRequest, or whatever else this one request hit: its own outcome
+                outcomes[index] = exc
+                continue
+            groups.setdefault(job.key, []).append((index, job))
+        # Groups whose selection is active go first, then the rest by selection: the fewest adapter swaps.
+        active = self.adapters.active
+        for key, members in sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1])):
+            results = self._run_group(key, [job for _, job in members])
+            outcomes.update((index, result) for (index, _), result in zip(members, results, strict=True))
+        return [outcomes[index] for index in range(len(requests))]
+
+    def _run_group(self, key: _GroupKey, group: list[_Job]) -> list[DiffusionResponse | Exception]:
+        shape, selection = key
+        try:
+            with self.adapters.hold(selection):
+                started = time.perf_counter()
+                images = self._generate(group, shape)
+                elapsed = _elapsed_ms(started)
+        except Exception as exc:  # this group's call failed: its requests get the error, other groups still run
+            logger.exception("pipeline call failed for a group of %d", len(group))
+            return [exc] * len(group)
+        metadata = {"batch_size": len(group), "inference_ms": elapsed, "adapters": dict(selection)}
+        return [self._response(job, image, dict(metadata)) for job, image in zip(group, images, strict=True)]
+
+    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+        job = self._prepare(request)  # raises InvalidRequest before any event
+        run = _StreamRun(job)
+        stop = _AnyEvent(cancel)  # also set by this generator when it is closed early
+        worker = threading.Thread(
+            target=self._stream_worker,
+            args=(run, stop),
+            name=f"sheaf-flux-stream-{request.request_id}",
+            daemon=True,
+        )
+        worker.start()
+        closed = False
+        try:
+            while (event := run.events.get()) is not None:  # each step's event as soon as the step ends
+                if not cancel.is_set():  # else nobody listens any more: just wait for the thread to stop
+                    yield event
+        except GeneratorExit:
+            closed = True
+            raise
+        finally:
+            stop.set()
+            worker.join(_JOIN_TIMEOUT_S)
+            if closed and run.image is None and run.error is None:
+                _log_cancelled(run)
+        if run.error is not None:
+            raise run.error
+        if run.image is None:  # cancelled, while waiting for the lock or while denoising
+            _log_cancelled(run)
+            return
+        metadata = {"batch_size": 1, "inference_ms": run.inference_ms, "adapters": dict(job.selection)}
+        yield ResultEvent(response=self._response(job, run.image, metadata))
+
+    def _stream_worker(self, run: _StreamRun, stop: threading.Event) -> None:
+        """Body of a stream's pipeline thread; the consumer re-raises its failure in its own thread."""
+        job = run.job
+        shape = _Shape.of(job.request)
+        every = job.request.preview_every
+
+        def on_step(index: int, latents: torch.Tensor) -> None:
+            run.steps = index + 1
+            if stop.is_set():
+                self.pipe._interrupt = True  # the pipeline skips every later step, and this run decodes nothing
+                return
+            preview = self._preview(latents, shape) if every and run.steps % every == 0 else None
+            run.events.put(ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
+
+        try:
+            with self.adapters.hold(job.selection, stop):
+                started = time.perf_counter()
+                images = self._generate([job], shape, on_step)
+                run.inference_ms = _elapsed_ms(started)
+            run.image = images[0] if images else None
+        except LockWaitCancelled:
+            pass  # the consumer logs the cancellation
+        except BaseException as exc:  # not swallowed: the consumer re-raises it
+            run.error = exc
+        finally:
+            run.events.put(None)
+
+    def _prepare(self, request: DiffusionRequest) -> _Job:
+        pixels = request.height * request.width
+        if pixels > self._options.max_pixels:
+            raise InvalidRequest(
+                "height",
+                f"{request.width}x{request.height} is {pixels} pixels; this deployment's limit is "
+                f"{self._options.max_pixels}",
+            )
+        seed = request.seed if request.seed is not None else secrets.randbits(_SEED_BITS)
+        return _Job(request, self.selection(request), seed)
+
+    # -- the pipeline (only ever called under the adapter lock) --------------------------------
+
+    def _generate(self, jobs: Sequence[_Job], shape: _Shape, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """One pipeline call for all jobs; each image comes out at exactly the requested size."""
+        pipe = self.pipe
+        height, width = self._model_size(shape.height), self._model_size(shape.width)
+        with torch.inference_mode():
+            embeds, pooled = self._encode([job.request.prompt for job in jobs])
+            guidance: dict[str, Any] = {}
+            if shape.negative_prompt and shape.guidance_scale > 1.0:  # diffusers ignores it at or below 1
+                negative, negative_pooled = self._encode([shape.negative_prompt] * len(jobs))
+                guidance = {
+                    "negative_prompt_embeds": negative,
+                    "negative_pooled_prompt_embeds": negative_pooled,
+                    "true_cfg_scale": shape.guidance_scale,
+                }
+            callback = None
+            if on_step is not None:
+
+                def callback(_: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                    on_step(index, tensors["latents"])
+                    return {}  # the latents go on unchanged
+
+            latents = pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                height=height,
+                width=width,
+                num_inference_steps=shape.steps,
+                guidance_scale=shape.guidance_scale,
+                # One generator per image, on the CPU: each image's noise is its seed's alone, on any device.
+                generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+                output_type="latent",
+                callback_on_step_end=callback,
+                max_sequence_length=self._options.max_sequence_length,
+                **guidance,
+            ).images
+            if pipe.interrupt:
+                return []
+            return [
+                _crop_center(self._decode(latents[row : row + 1], height, width), shape.width, shape.height)
+                for row in range(len(jobs))
+            ]
+
+    def _model_size(self, side: int) -> int:
+        """FLUX works in 2x2 patches of latents: sides round up to that multiple, and the image is cropped back."""
+        multiple = int(self.pipe.vae_scale_factor) * 2
+        return math.ceil(side / multiple) * multiple
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings, one prompt at a time: encoded alone or among others, a prompt gives the same numbers."""
+        pipe = self.pipe
+        encoded = [
+            pipe.encode_prompt(
+                prompt=prompt,
+                prompt_2=None,
+                device=pipe._execution_device,
+                max_sequence_length=self._options.max_sequence_length,
+            )
+            for prompt in prompts
+        ]
+        return torch.cat([item[0] for item in encoded]), torch.cat([item[1] for item in encoded])
+
+    def _decode(self, packed: torch.Tensor, height: int, width: int, scale: float = 1.0) -> Image.Image:
+        """One image from its packed latents; `scale` < 1 shrinks the latents first, for a cheap preview."""
+        pipe = self.pipe
+        vae = pipe.vae
+        latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+        if scale < 1.0:
+            size = (max(1, round(latents.shape[-2] * scale)), max(1, round(latents.shape[-1] * scale)))
+            latents = F.interpolate(latents, size=size, mode="area")
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images: list[Image.Image] = pipe.image_processor.postprocess(pixels, output_type="pil")
+        return images[0]
+
+    def _preview(self, packed: torch.Tensor, shape: _Shape) -> str:
+        """A small PNG of the image so far: latents shrunk to the preview's size, then decoded."""
+        height, width = self._model_size(shape.height), self._model_size(shape.width)
+        side = self._options.preview_max_side
+        scale = min(1.0, side / max(height, width))
+        with torch.inference_mode():
+            image = self._decode(packed[:1], height, width, scale)
+        # Crop away what rounding to the model's size added, in proportion, then fit the longest side.
+        image = _crop_center(
+            image, round(shape.width * image.width / width), round(shape.height * image.height / height)
+        )
+        fit = min(1.0, side / max(shape.width, shape.height))
+        size = (max(1, round(shape.width * fit)), max(1, round(shape.height * fit)))
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return _png_b64(image)
+
+    def _response(self, job: _Job, image: Image.Image, metadata: dict[str, Any]) -> DiffusionResponse:
+        request = job.request
+        return DiffusionResponse(
+            request_id=request.request_id,
+            model_name=request.model_name,
+            image_b64=_png_b64(image),
+            height=request.height,
+            width=request.width,
+            seed=job.seed,
+            metadata=metadata,
+        )
+
+
+class _StreamRun:
+    """One stream's shared state: the pipeline thread fills it, the consuming generator reads it."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.events: queue.Queue[ProgressEvent | None] = queue.Queue()  # None: the thread has ended
+        self.steps = 0  # denoising steps done
+        self.image: Image.Image | None = None  # None until the run completes: a cancelled run has none
+        self.error: BaseException | None = None
+        self.inference_ms = 0.0
+
+
+class _AnyEvent(threading.Event):
+    """An event that also reads as set once any of `others` is: a stream stops on its cancel or on its own close.
+
+    Only `is_set` looks at the others; that is all the adapter lock and the step callback read.
+    """
+
+    def __init__(self, *others: threading.Event) -> None:
+        super().__init__()
+        self._others = others
+
+    def is_set(self) -> bool:
+        return super().is_set() or any(other.is_set() for other in self._others)
+
+
+def _per_sample_linears(module: torch.nn.Module) -> None:
+    """Make every linear layer under `module` multiply one sample at a time.
+
+    A matrix product's rounding depends on which kernel the library picks, and it picks by
+    shape: the same row multiplied among more rows can come out a bit different. Alone, a
+    request's products have one sample's shape; computed per sample, so do they in a batch.
+    """
+    for layer in module.modules():
+        if type(layer) is torch.nn.Linear:  # exactly: a subclass's own forward may do more than multiply
+            layer.forward = types.MethodType(_linear_per_sample, layer)  # type: ignore[method-assign]
+
+
+def _linear_per_sample(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    if inputs.dim() < 2 or inputs.shape[0] == 1:
+        return F.linear(inputs, layer.weight, layer.bias)
+    return torch.cat([F.linear(inputs[row : row + 1], layer.weight, layer.bias) for row in range(inputs.shape[0])])
+
+
+def _crop_center(image: Image.Image, width: int, height: int) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _location(source: ModelSource) -> str:
+    """A folder or hub id that diffusers reads: a `build` source is built once into the cache."""
+    if source.path:
+        return source.path
+    if source.hub:
+        return source.hub
+    if source.build:
+        return str(built_weights(source.build))
+    raise ValueError("a FLUX model or adapter source must give `path`, `hub` or `build`")
+
+
+def _log_cancelled(run: _StreamRun) -> None:
+    logger.info("stream %s cancelled after %d steps", run.job.request.request_id, run.steps)
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

@@ -1,0 +1,287 @@
+"""Forecasting with TimesFM (transformers' `TimesFmModelForPrediction`): a whole batch per model call.
+
+A batch of series of different lengths, frequencies and horizons runs as one model call. The model
+left-pads every series to its own fixed `context_length` (and keeps only the last `context_length`
+values of a longer one), masks the padding and normalises each row by that row's own statistics, so
+a row's forecast does not depend on the other rows of its batch: batched and alone give the same
+numbers (checked in tests/backends/test_forecast.py). Nothing here pads to the batch's longest series.
+
+Horizons: one model call forecasts `horizon_length` steps (128 for the released checkpoints). A longer
+horizon is decoded autoregressively, as TimesFM's own decode loop does: the mean forecast so far is
+appended to the context and the model runs again. Each round is one batched call for every request
+still short of its horizon, so a batch costs ceil(longest horizon / horizon_length) calls, and a
+request's rounds are the same whichever batch it is in. `options.max_horizon` caps the rounds.
+
+Frequency: TimesFM's own buckets, those its checkpoints were trained with (`timesfm.freq_map`):
+minutes, hours and days are high (0), weeks and months medium (1); quarters and years (2) are
+not in the contract.
+
+Uncertainty: the model has one head per quantile level in `config.quantiles` (0.1 ... 0.9). At
+each step the head values are sorted, since untrained or uncalibrated heads may cross, and a
+quantile function never decreases (monotone rearrangement). Levels between two heads are linearly
+interpolated; levels outside the outermost heads extend the outermost segment linearly (its slope is
+never negative, so the result stays monotone). Samples are drawn from that same piecewise-linear
+distribution by inverse transform, independently at each step (TimesFM gives marginals only), with a
+generator seeded from the request's content (its series, horizon, frequency and `num_samples`, not its
+`request_id`): the same request gets the same paths on every call, in any batch, on any device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import TimesFmModelForPrediction
+
+from sheaf.api.forecast import ForecastRequest, ForecastResponse
+from sheaf.backends.base import Backend
+from sheaf.config import DeploymentConfig, built_weights
+from sheaf.exceptions import InvalidRequest
+
+logger = logging.getLogger("sheaf.backends.forecast")
+
+# TimesFM's frequency indicator, as its `freq_map` assigns it to pandas frequency strings.
+FREQUENCY_BUCKETS: dict[str, int] = {"1min": 0, "5min": 0, "15min": 0, "1h": 0, "1d": 0, "1W": 1, "1M": 1}
+
+
+class ForecastOptions(BaseModel):
+    """`options:` of a forecasting deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_horizon: int = Field(
+        1024,
+        ge=1,
+        description="Requests asking for more steps get 422. Beyond the model's own `horizon_length`, "
+        "each further `horizon_length` steps cost one more batched model call.",
+    )
+    max_history: int = Field(
+        16384,
+        ge=1,
+        description="Requests with a longer `history` get 422. The model reads only the last "
+        "`context_length` values of any history.",
+    )
+
+
+class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
+    request_model = ForecastRequest
+    options_model = ForecastOptions
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self._options: ForecastOptions = self.options()
+        self._model: TimesFmModelForPrediction | None = None
+        self._head_levels = torch.empty(0, dtype=torch.float64)
+
+    @property
+    def model(self) -> TimesFmModelForPrediction:
+        if self._model is None:
+            raise RuntimeError("the model is not loaded: call load() first")
+        return self._model
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        weights = self._weights_location()
+        model = TimesFmModelForPrediction.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
+        model.to(_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
+        model.eval()  # type: ignore[no-untyped-call]
+        self._head_levels = _head_levels(model.config.quantiles)
+        self._model = model
+        logger.info(
+            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, _elapsed_ms(started) / 1000
+        )
+
+    def _weights_location(self) -> str:
+        """A folder or hub id that from_pretrained reads; a builder's weights are built once into the cache."""
+        source = self.config.model
+        if source.path:
+            return source.path
+        if source.hub:
+            return source.hub
+        if source.build:
+            return str(built_weights(source.build))
+        raise ValueError("a forecasting deployment takes its model from `path`, `hub` or `build`, not `package`")
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def predict_batch(self, requests: Sequence[ForecastRequest]) -> list[ForecastResponse | Exception]:
+        prepared = [self._prepare(request) for request in requests]
+        rows = [item for item in prepared if isinstance(item, _Forecast)]
+        failure: Exception | None = None
+        metadata: dict[str, Any] = {"batch_size": len(rows)}
+        if rows:
+            started = time.perf_counter()
+            try:
+                metadata["model_calls"] = self._decode(rows)
+            except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
+                logger.exception("forecast failed for a batch of %d", len(rows))
+                failure = exc
+            metadata["inference_ms"] = _elapsed_ms(started)
+        return [self._outcome(item, failure, metadata) for item in prepared]
+
+    def _outcome(
+        self, item: _Forecast | Exception, failure: Exception | None, metadata: dict[str, Any]
+    ) -> ForecastResponse | Exception:
+        if isinstance(item, Exception):
+            return item
+        if failure is not None:
+            return failure
+        try:
+            return self._response(item, {**metadata, "history_used": item.history_used})
+        except Exception as exc:  # one row's post-processing must not fail the rows beside it
+            logger.exception("forecast post-processing failed for %s", item.request.request_id)
+            return exc
+
+    def _prepare(self, request: ForecastRequest) -> _Forecast | Exception:
+        try:
+            series = self._series(request)
+        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
+            return exc
+        context_length = int(self.model.config.context_length)
+        return _Forecast(request, series, context_length, FREQUENCY_BUCKETS[request.frequency])
+
+    def _series(self, request: ForecastRequest) -> list[float]:
+        """The values to forecast; InvalidRequest when this deployment cannot take the request."""
+        if request.history is None:
+            # The service resolves `feature_ref` before the backend runs; reaching here means it could not.
+            raise InvalidRequest("feature_ref", "was not resolved to a history; send `history` instead")
+        limit = self._options.max_horizon
+        if request.horizon > limit:
+            raise InvalidRequest("horizon", f"{request.horizon} is above this deployment's limit of {limit}")
+        limit = self._options.max_history
+        if len(request.history) > limit:
+            raise InvalidRequest(
+                "history", f"holds {len(request.history)} values; this deployment takes at most {limit}"
+            )
+        if not request.history:
+            raise InvalidRequest("history", "must hold at least one value")
+        try:
+            series = request.series()
+        except IndexError:  # a history filled in after validation (by the service) was never checked against it
+            raise InvalidRequest("target_index", "is outside the rows of `history`") from None
+        if not all(math.isfinite(value) for value in series):
+            raise InvalidRequest("history", "must hold finite numbers only (no NaN or infinity)")
+        return series
+
+    def _decode(self, rows: Sequence[_Forecast]) -> int:
+        """Forecast every row: one batched model call per round of `horizon_length` steps; returns the calls made."""
+        model = self.model
+        horizon_length = int(model.config.horizon_length)
+        pending = list(rows)
+        calls = 0
+        with torch.inference_mode():
+            while pending:
+                output = model(
+                    past_values=[row.context.to(device=model.device, dtype=model.dtype) for row in pending],
+                    freq=[row.bucket for row in pending],
+                )
+                calls += 1
+                predictions = output.full_predictions
+                assert predictions is not None, "TimesFM always returns full_predictions"
+                # [rows, horizon_length, 1 + quantile heads]: the mean head first, then one per level.
+                chunks = predictions[:, :horizon_length].to(device="cpu", dtype=torch.float64)
+                for row, chunk in zip(pending, chunks, strict=True):
+                    row.push(chunk)
+                pending = [row for row in pending if row.decoded < row.request.horizon]
+        return calls
+
+    def _response(self, row: _Forecast, metadata: dict[str, Any]) -> ForecastResponse:
+        request = row.request
+        output = row.output()
+        heads = output[:, 1:]
+        quantiles: dict[str, list[float]] | None = None
+        samples: list[list[float]] | None = None
+        if request.output_mode == "quantiles":
+            levels = torch.tensor(request.quantile_levels, dtype=torch.float64).expand(request.horizon, -1)
+            values = _quantile_function(self._head_levels, heads, levels)
+            quantiles = {_level_key(level): values[:, i].tolist() for i, level in enumerate(request.quantile_levels)}
+        elif request.output_mode == "samples":
+            generator = torch.Generator().manual_seed(_sample_seed(request, row.series))
+            uniform = torch.rand((request.horizon, request.num_samples), generator=generator, dtype=torch.float64)
+            samples = _quantile_function(self._head_levels, heads, uniform).T.tolist()
+        return ForecastResponse(
+            request_id=request.request_id,
+            model_name=request.model_name,
+            mean=output[:, 0].tolist(),
+            quantiles=quantiles,
+            samples=samples,
+            horizon=request.horizon,
+            frequency=request.frequency,
+            metadata=metadata,
+        )
+
+
+class _Forecast:
+    """One request through the decode rounds: its context (its history, then its own forecast) and the output."""
+
+    def __init__(self, request: ForecastRequest, series: list[float], context_length: int, bucket: int) -> None:
+        self.request = request
+        self.series = series
+        self.bucket = bucket
+        self.context_length = context_length
+        # Only what the model reads: a long history need not travel to the device whole.
+        self.context = torch.tensor(series[-context_length:], dtype=torch.float64)
+        self.history_used = len(self.context)
+        self.decoded = 0
+        self._chunks: list[torch.Tensor] = []
+
+    def push(self, chunk: torch.Tensor) -> None:
+        """Take one round's output ([horizon_length, 1 + heads]); its mean path extends the context for the next."""
+        self._chunks.append(chunk[: self.request.horizon - self.decoded])
+        self.decoded += len(self._chunks[-1])
+        self.context = torch.cat([self.context, chunk[:, 0]])[-self.context_length :]
+
+    def output(self) -> torch.Tensor:
+        """[horizon, 1 + heads]: the mean, then one column per quantile head."""
+        return torch.cat(self._chunks)
+
+
+def _quantile_function(head_levels: torch.Tensor, heads: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Values at `levels` ([steps, n]) of each step's distribution, given its heads ([steps, k]) at
+    `head_levels` ([k], ascending): sorted heads, linear between them, the outermost segments extended."""
+    values = heads.sort(dim=-1).values  # monotone rearrangement: crossing heads are put back in order
+    levels = levels.contiguous()  # an expanded or transposed view: searchsorted would copy it anyway, with a warning
+    if len(head_levels) == 1:
+        return values.expand(levels.shape)
+    upper = torch.searchsorted(head_levels, levels).clamp(1, len(head_levels) - 1)
+    lower = upper - 1
+    low, high = values.gather(-1, lower), values.gather(-1, upper)
+    weight = (levels - head_levels[lower]) / (head_levels[upper] - head_levels[lower])  # outside [0, 1] at the ends
+    return low + weight * (high - low)
+
+
+def _head_levels(quantiles: Sequence[float]) -> torch.Tensor:
+    levels = sorted(float(level) for level in quantiles)
+    if not levels or len(set(levels)) != len(levels) or not all(0.0 < level < 1.0 for level in levels):
+        raise ValueError(f"the model's quantile levels must be distinct and between 0 and 1, got {list(quantiles)}")
+    return torch.tensor(levels, dtype=torch.float64)
+
+
+def _sample_seed(request: ForecastRequest, series: list[float]) -> int:
+    """A seed from what defines the sample paths, so the same request draws the same paths wherever it runs."""
+    digest = hashlib.sha256(struct.pack(f"<{len(series)}d", *series))
+    digest.update(f"|{request.frequency}|{request.horizon}|{request.num_samples}".encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1  # 63 bits: within what manual_seed takes
+
+
+def _level_key(level: float) -> str:
+    return repr(float(level))  # shortest round-trip form: 0.1 -> "0.1"
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

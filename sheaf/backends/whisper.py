@@ -1,0 +1,557 @@
+"""Speech to text with faster-whisper (Whisper on CTranslate2): batched, streamed, cancellable.
+
+Each request's audio is decoded on its own (PyAV, in memory, capped at the deployment's
+length limit), so one bad clip is that request's 422 and never its batch-mates' failure.
+
+Two ways to run a batch, chosen by the `batched` option:
+
+- sequential (the default, faster on small CPUs; see `BATCHED_BY_DEFAULT`): each clip goes
+  through `WhisperModel.transcribe` in turn, the same code path that `stream` uses.
+- batched: every clip is cut into pieces of at most 30 s (by voice activity when the request
+  asks for `vad_filter`), the pieces of all clips that share decoding settings are laid out on
+  one timeline and go through one `BatchedInferencePipeline` call, and the segments are mapped
+  back to their clips.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import importlib.util
+import io
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import ctranslate2
+import numpy as np
+import numpy.typing as npt
+from av.container import InputContainer
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+from faster_whisper import transcribe as fw
+from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from pydantic import BaseModel, ConfigDict, Field
+
+from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
+from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
+from sheaf.backends.base import Backend
+from sheaf.config import DeploymentConfig, built_weights
+from sheaf.exceptions import InvalidRequest
+
+logger = logging.getLogger("sheaf.backends.whisper")
+
+Audio = npt.NDArray[np.float32]
+
+SAMPLE_RATE = 16_000  # what every Whisper model takes
+PIECE_SECONDS = 30  # Whisper's window: the batched pipeline decodes one window per piece
+PIECES_PER_CALL = 16  # pieces encoded and decoded together in one batched model call
+
+BATCHED_BY_DEFAULT = False
+"""Measured with real tiny.en weights (int8) on a 2-core CPU, batches of 4 and 8 short clips:
+the batched pipeline was no faster than transcribing the clips one after another (the
+encoder, which runs on a full 30 s window per clip either way, dominates), while sequential
+decoding keeps predict's segments identical to stream's. On a GPU, `batched: true` pays."""
+
+
+class WhisperOptions(BaseModel):
+    """`options:` of a speech-to-text deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_audio_seconds: float = Field(1800, gt=0, description="Longer clips get 422.")
+    compute_type: str = Field("int8", description="CTranslate2 compute type: int8, float16, default ...")
+    cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads on CPU; 0 lets it choose.")
+    batched: bool | None = Field(
+        None, description="Decode a batch in one BatchedInferencePipeline call; null takes the measured default."
+    )
+
+
+@dataclass
+class _Clip:
+    """A request whose audio decoded: 16 kHz mono float32."""
+
+    request: TranscriptionRequest
+    audio: Audio
+    decode_ms: float
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+@dataclass
+class _Transcript:
+    segments: list[Segment]
+    language: str
+    language_probability: float
+
+
+@dataclass
+class _Piece:
+    """At most 30 s of one clip for the batched pipeline: its audio (speech only, under VAD)
+    and the stretches of the clip it came from, in samples, to map its times back."""
+
+    clip: int
+    audio: Audio
+    regions: list[dict[str, int]]
+    offset: int = 0  # whole seconds into the shared timeline; set when laid out
+
+
+class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
+    request_model = TranscriptionRequest
+    options_model = WhisperOptions
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self._options: WhisperOptions = self.options()
+        self._batched = BATCHED_BY_DEFAULT if self._options.batched is None else self._options.batched
+        self._model: WhisperModel | None = None
+
+    @property
+    def batched(self) -> bool:
+        """Whether a batch goes through one BatchedInferencePipeline call (else clip after clip)."""
+        return self._batched
+
+    @property
+    def model(self) -> WhisperModel:
+        if self._model is None:
+            raise RuntimeError("the model is not loaded: call load() first")
+        return self._model
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        location = self._model_location()
+        device = _device(self.config.device)
+        options = self._options
+        self._model = WhisperModel(
+            location, device=device, compute_type=options.compute_type, cpu_threads=options.cpu_threads
+        )
+        kind = "multilingual" if self._model.model.is_multilingual else "English-only"
+        logger.info(
+            "loaded %s (%s) from %s on %s (%s, %s) in %.1f s",
+            self.config.name,
+            kind,
+            location,
+            device,
+            options.compute_type,
+            "batched" if self._batched else "sequential",
+            time.perf_counter() - started,
+        )
+
+    def _model_location(self) -> str:
+        """A CTranslate2 model folder, or a hub id that faster-whisper downloads (or finds in its cache)."""
+        source = self.config.model
+        if source.path:
+            return source.path
+        if source.hub:
+            return source.hub
+        if source.build:
+            return str(built_weights(source.build))
+        if not source.package:
+            raise ValueError("model source names no path, package, hub id or builder")
+        found = _find_package_folder(source.package, source.file or "model")
+        if not (found / "model.bin").is_file():
+            raise ValueError(f"{found}: not a CTranslate2 model folder (no model.bin) in package {source.package}")
+        return str(found)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def predict_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResponse | Exception]:
+        prepared = [self._prepare(request) for request in requests]
+        clips = [item for item in prepared if isinstance(item, _Clip)]
+        started = time.perf_counter()
+        if not clips:
+            results: list[_Transcript | Exception] = []
+        elif self._batched:
+            results = self._transcribe_batched(clips)
+        else:
+            results = [self._transcribe_one(clip) for clip in clips]
+        metadata = {"batch_size": len(clips), "inference_ms": _elapsed_ms(started), "batched": self._batched}
+        outcomes = iter(results)
+        return [
+            item if isinstance(item, Exception) else self._outcome(item, next(outcomes), metadata) for item in prepared
+        ]
+
+    def _outcome(
+        self, clip: _Clip, result: _Transcript | Exception, metadata: dict[str, Any]
+    ) -> TranscriptionResponse | Exception:
+        if isinstance(result, Exception):
+            return result
+        return self._response(clip, result, {**metadata, "decode_ms": clip.decode_ms})
+
+    def stream(self, request: TranscriptionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+        clip = self._prepare(request)
+        if isinstance(clip, Exception):
+            raise clip
+        started = time.perf_counter()
+        # Features and (when asked) language detection happen here, before the first segment.
+        segments, info = self.model.transcribe(clip.audio, **_decoding_arguments(request, self._language(request)))
+        pending = iter(segments)  # lazy: each window decodes when the next segment is pulled
+        streamed: list[Segment] = []
+        cancelled = False
+        try:
+            while True:
+                if cancel.is_set():  # checked before pulling: a cancelled stream decodes no further window
+                    cancelled = True
+                    break
+                raw = next(pending, None)
+                if raw is None:
+                    break
+                segment = _segment(raw)
+                streamed.append(segment)
+                yield SegmentEvent(segment=segment)
+        except GeneratorExit:  # the consumer closed us early
+            cancelled = True
+            raise
+        finally:
+            close = getattr(pending, "close", None)  # ends faster-whisper's generator in this thread
+            if close is not None:
+                close()
+            if cancelled:
+                logger.info("stream %s cancelled after %d segments", request.request_id, len(streamed))
+        if cancelled:
+            return
+        metadata = {
+            "batch_size": 1,
+            "inference_ms": _elapsed_ms(started),
+            "batched": False,
+            "decode_ms": clip.decode_ms,
+        }
+        transcript = _Transcript(streamed, info.language, float(info.language_probability))
+        yield ResultEvent(response=self._response(clip, transcript, metadata))
+
+    def _prepare(self, request: TranscriptionRequest) -> _Clip | Exception:
+        try:
+            self._language(request)  # a bad language is refused before decoding any audio
+            started = time.perf_counter()
+            audio = decode_request_audio(request.audio_b64, self._options.max_audio_seconds)
+        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
+            return exc
+        return _Clip(request, audio, _elapsed_ms(started))
+
+    def _language(self, request: TranscriptionRequest) -> str | None:
+        """The language to decode in (None: detect it); InvalidRequest when this model cannot take the request."""
+        language = (request.language or "").strip().lower() or None  # a blank code asks for detection too
+        if self.model.model.is_multilingual:
+            if language is not None and language not in self.model.supported_languages:
+                raise InvalidRequest("language", f"unknown language code {request.language!r}")
+            return language
+        # An English-only model has no language or task tokens: it cannot honour anything else.
+        if language not in (None, "en"):
+            raise InvalidRequest("language", f"this deployment's model is English-only; got {request.language!r}")
+        if request.task == "translate":
+            raise InvalidRequest("task", "this deployment's model is English-only and cannot translate")
+        return "en"
+
+    def _transcribe_one(self, clip: _Clip) -> _Transcript | Exception:
+        request = clip.request
+        try:
+            segments, info = self.model.transcribe(clip.audio, **_decoding_arguments(request, self._language(request)))
+            return _Transcript([_segment(raw) for raw in segments], info.language, float(info.language_probability))
+        except Exception as exc:  # this clip's failure alone
+            logger.exception("transcription failed for request %s", request.request_id)
+            return exc
+
+    # -- batched -----------------------------------------------------------------------------
+
+    def _transcribe_batched(self, clips: Sequence[_Clip]) -> list[_Transcript | Exception]:
+        """One pipeline call per group of clips that decode with the same settings."""
+        languages: dict[int, tuple[str, float]] = {}
+        segments: dict[int, list[Segment] | Exception] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, clip in enumerate(clips):
+            try:
+                languages[index] = self._resolved_language(clip)
+            except Exception as exc:  # this clip's failure alone
+                logger.exception("language detection failed for request %s", clip.request.request_id)
+                segments[index] = exc
+                continue
+            groups.setdefault(_group_key(clip.request, languages[index][0]), []).append(index)
+        for members in groups.values():
+            try:
+                language = languages[members[0]][0]
+                segments.update(self._decode_group(language, [clips[i] for i in members], members))
+            except Exception as exc:  # the model call failed for every clip in it
+                logger.exception("batched transcription failed for %d clips", len(members))
+                segments.update(dict.fromkeys(members, exc))
+        return [
+            found if isinstance(found, Exception) else _Transcript(found, *languages[index])
+            for index, found in sorted(segments.items())
+        ]
+
+    def _resolved_language(self, clip: _Clip) -> tuple[str, float]:
+        """The request's language, or the one detected on this clip alone (the pipeline would detect one
+        language for the whole batch)."""
+        language = self._language(clip.request)
+        if language is not None:
+            return language, 1.0
+        detected, probability, _ = self.model.detect_language(audio=clip.audio, vad_filter=clip.request.vad_filter)
+        return detected, float(probability)
+
+    def _decode_group(self, language: str, clips: Sequence[_Clip], indices: Sequence[int]) -> dict[int, list[Segment]]:
+        request = clips[0].request  # every clip in a group decodes the same way
+        pieces = [piece for clip, index in zip(clips, indices, strict=True) for piece in _pieces(clip, index)]
+        found: dict[int, list[Segment]] = {index: [] for index in indices}
+        if not pieces:  # nothing but silence under VAD
+            return found
+        timeline = _lay_out(pieces)
+        # The pipeline marks each segment with its piece's start, in feature frames.
+        by_seek = {piece.offset * self.model.frames_per_second: piece for piece in pieces}
+        pipeline = BatchedInferencePipeline(self.model)  # it keeps state between pieces: one per call
+        raw_segments, _ = pipeline.transcribe(
+            timeline,
+            clip_timestamps=[{"start": p.offset, "end": p.offset + len(p.audio) / SAMPLE_RATE} for p in pieces],
+            batch_size=min(len(pieces), PIECES_PER_CALL),
+            without_timestamps=False,  # segments split as the sequential path splits them
+            # vad_filter goes along unused: given clip_timestamps, the pipeline runs no VAD (`_pieces` did).
+            **_decoding_arguments(request, language),
+        )
+        per_piece: dict[int, list[fw.Segment]] = {}
+        for raw in raw_segments:
+            per_piece.setdefault(raw.seek, []).append(raw)
+        for seek, piece in by_seek.items():
+            restored = fw.restore_speech_timestamps(
+                [_shifted(raw, -piece.offset) for raw in per_piece.get(seek, [])], piece.regions, SAMPLE_RATE
+            )
+            found[piece.clip].extend(_segment(raw) for raw in restored if raw.text.strip() and raw.start != raw.end)
+        return {index: _renumbered(segments) for index, segments in found.items()}
+
+    # -- responses ---------------------------------------------------------------------------
+
+    def _response(self, clip: _Clip, transcript: _Transcript, metadata: dict[str, Any]) -> TranscriptionResponse:
+        request = clip.request
+        return TranscriptionResponse(
+            request_id=request.request_id,
+            model_name=request.model_name,
+            text="".join(segment.text for segment in transcript.segments).strip(),
+            language=transcript.language,
+            language_probability=transcript.language_probability,
+            duration=clip.duration,
+            segments=transcript.segments,
+            metadata=metadata,
+        )
+
+
+# -- audio --------------------------------------------------------------------------------------
+
+
+def decode_request_audio(audio_b64: str, max_seconds: float) -> Audio:
+    """`audio_b64` as 16 kHz mono float32; InvalidRequest naming `audio_b64` for anything unusable."""
+    try:
+        data = base64.b64decode(audio_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("audio_b64", f"is not valid base64 ({exc})") from None
+    if not data:
+        raise InvalidRequest("audio_b64", "is empty")
+    try:
+        audio = _decode(data, max_seconds)
+    except _TooLong as exc:
+        raise InvalidRequest(
+            "audio_b64", f"audio is {exc.describe()} long; this deployment takes at most {max_seconds:g} s"
+        ) from None
+    except _NoAudio as exc:
+        raise InvalidRequest("audio_b64", str(exc)) from None
+    except (av.FFmpegError, ValueError, OSError, EOFError, IndexError, RuntimeError) as exc:
+        raise InvalidRequest("audio_b64", f"is not a decodable audio file ({type(exc).__name__}: {exc})") from None
+    if len(audio) == 0:
+        raise InvalidRequest("audio_b64", "holds no audio samples")
+    return audio
+
+
+class _NoAudio(Exception):
+    pass
+
+
+class _TooLong(Exception):
+    def __init__(self, decoded_s: float, declared_s: float | None) -> None:
+        super().__init__(decoded_s)
+        self.decoded_s = decoded_s
+        self.declared_s = declared_s
+
+    def describe(self) -> str:
+        if self.declared_s is not None and self.declared_s > self.decoded_s:
+            return f"{self.declared_s:.1f} s"
+        return f"more than {self.decoded_s:.1f} s"  # the file does not say; decoding stopped at the limit
+
+
+def _decode(data: bytes, max_seconds: float) -> Audio:
+    """faster_whisper.decode_audio's decoding (s16 mono at 16 kHz, damaged frames skipped, scaled to
+    [-1, 1)), but it stops at the length limit: a small file can declare or decode into hours of audio,
+    and decode_audio would hold all of it in memory before anyone could check its length."""
+    limit = math.floor(max_seconds * SAMPLE_RATE)
+    chunks: list[npt.NDArray[np.int16]] = []
+    total = 0
+    with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise _NoAudio("holds no audio stream")
+        stream = container.streams.audio[0]
+        declared = container.duration / av.time_base if container.duration else None
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        for frame in _frames(container, stream):
+            frame.pts = None  # a gap or jump in timestamps must not stop the resampler
+            for out in resampler.resample(frame):
+                chunk = _samples(out)
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise _TooLong(total / SAMPLE_RATE, declared)
+        for out in resampler.resample(None):  # flush what the resampler holds back
+            chunks.append(_samples(out))
+            total += len(chunks[-1])
+    if total > limit:
+        raise _TooLong(total / SAMPLE_RATE, declared)
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+    return (samples.astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def _samples(frame: av.AudioFrame) -> npt.NDArray[np.int16]:
+    return np.asarray(frame.to_ndarray(), dtype=np.int16).reshape(-1)
+
+
+def _frames(container: InputContainer, stream: av.AudioStream) -> Iterator[av.AudioFrame]:
+    """The stream's decoded frames, skipping the ones FFmpeg reports as damaged (as decode_audio does)."""
+    frames = container.decode(stream)
+    while True:
+        try:
+            yield next(frames)
+        except StopIteration:
+            return
+        except av.InvalidDataError:
+            continue
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _decoding_arguments(request: TranscriptionRequest, language: str | None) -> dict[str, Any]:
+    """Every request field that shapes decoding, as faster-whisper's transcribe arguments."""
+    return {
+        "language": language,
+        "task": request.task,
+        "beam_size": request.beam_size,
+        "temperature": request.temperature,  # one temperature: no fallback to others behind the caller's back
+        "initial_prompt": request.initial_prompt,
+        "word_timestamps": request.word_timestamps,
+        "vad_filter": request.vad_filter,
+    }
+
+
+def _group_key(request: TranscriptionRequest, language: str) -> tuple[Any, ...]:
+    # vad_filter is not in it: it only decides how a clip is cut into pieces.
+    return (
+        language,
+        request.task,
+        request.beam_size,
+        request.temperature,
+        request.initial_prompt,
+        request.word_timestamps,
+    )
+
+
+def _pieces(clip: _Clip, index: int) -> list[_Piece]:
+    """The clip cut into pieces of at most 30 s: its speech under VAD, else consecutive 30 s stretches."""
+    audio = clip.audio
+    if clip.request.vad_filter:
+        speech = get_speech_timestamps(
+            audio, VadOptions(max_speech_duration_s=PIECE_SECONDS, min_silence_duration_ms=160)
+        )
+        chunks, metadata = collect_chunks(audio, speech, max_duration=PIECE_SECONDS)
+        return [
+            _Piece(index, chunk, list(meta["segments"]))
+            for chunk, meta in zip(chunks, metadata, strict=True)
+            if len(chunk) > 0
+        ]
+    step = PIECE_SECONDS * SAMPLE_RATE
+    return [
+        _Piece(index, audio[start : start + step], [{"start": start, "end": min(start + step, len(audio))}])
+        for start in range(0, len(audio), step)
+    ]
+
+
+def _lay_out(pieces: Sequence[_Piece]) -> Audio:
+    """One timeline with every piece starting on a whole second, so that each piece's start (and the
+    `seek` the pipeline derives from it) is exact and different from every other's."""
+    offset = 0
+    for piece in pieces:
+        piece.offset = offset
+        offset += max(1, math.ceil(len(piece.audio) / SAMPLE_RATE))
+    timeline = np.zeros(offset * SAMPLE_RATE, dtype=np.float32)
+    for piece in pieces:
+        start = piece.offset * SAMPLE_RATE
+        timeline[start : start + len(piece.audio)] = piece.audio
+    return timeline
+
+
+def _shifted(raw: fw.Segment, seconds: float) -> fw.Segment:
+    words = (
+        None
+        if raw.words is None
+        else [dataclasses.replace(word, start=word.start + seconds, end=word.end + seconds) for word in raw.words]
+    )
+    return dataclasses.replace(raw, start=raw.start + seconds, end=raw.end + seconds, words=words)
+
+
+def _renumbered(segments: list[Segment]) -> list[Segment]:
+    return [segment.model_copy(update={"id": number}) for number, segment in enumerate(segments, start=1)]
+
+
+def _segment(raw: fw.Segment) -> Segment:
+    start, end = round(float(raw.start), 3), round(float(raw.end), 3)
+    words = None
+    if raw.words is not None:
+        # faster-whisper's boundary heuristics can move a first or last word a little past its
+        # segment's edge; a client may rely on a segment's words lying inside it.
+        words = [
+            Word(
+                word=word.word,
+                start=min(max(round(float(word.start), 3), start), end),
+                end=min(max(round(float(word.end), 3), start), end),
+                probability=float(word.probability),
+            )
+            for word in raw.words
+        ]
+    return Segment(
+        id=raw.id,
+        start=start,
+        end=end,
+        text=raw.text,
+        avg_logprob=float(raw.avg_logprob),
+        no_speech_prob=float(raw.no_speech_prob),
+        words=words,
+    )
+
+
+def _find_package_folder(package: str, pattern: str) -> Path:
+    """The one folder matching `pattern` in an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    matches = sorted(match for match in folder.glob(pattern) if match.is_dir())
+    if not matches:
+        raise FileNotFoundError(f"no folder matching {pattern!r} in package {package} ({folder})")
+    if len(matches) > 1:
+        names = ", ".join(match.name for match in matches)
+        raise ValueError(
+            f"{pattern!r} matches several folders in package {package} ({names}); name one in `model.file`"
+        )
+    return matches[0]
+
+
+def _device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return setting
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

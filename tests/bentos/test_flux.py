@@ -1,0 +1,161 @@
+"""The flux deployment end to end: a real server, the real backend on a tiny FLUX pipeline."""
+
+import asyncio
+import base64
+import io
+import re
+import threading
+import time
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from sheaf.streaming import SSEDecoder
+from tests.conftest import Server
+
+BASE = {"model_type": "diffusion", "prompt": "a red fox in snow", "height": 64, "width": 64, "num_inference_steps": 4}
+
+
+def predict(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}/flux/predict", json=body, timeout=120)
+
+
+def stream(server: Server, body: dict[str, Any]) -> list[dict[str, Any]]:
+    decoder = SSEDecoder()
+    with httpx.stream("POST", f"{server.url}/flux/stream", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        return [event for chunk in response.iter_raw() for event in decoder.feed(chunk)]
+
+
+def image(payload: dict[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(payload["image_b64"])))
+
+
+def concurrently(server: Server, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run predicts and streams at once; each gives its final payload (the response, or the result event)."""
+
+    async def one(client: httpx.AsyncClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        if route == "predict":
+            response = await client.post(f"{server.url}/flux/predict", json=body)
+            assert response.status_code == 200, response.text
+            return dict(response.json())
+        decoder, events = SSEDecoder(), []
+        async with client.stream("POST", f"{server.url}/flux/stream", json=body) as response:
+            async for chunk in response.aiter_raw():
+                events.extend(decoder.feed(chunk))
+        assert events[-1]["type"] == "result", events[-1]
+        return events[-1]
+
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, route, body) for route, body in calls))
+
+    return asyncio.run(run())
+
+
+def test_a_stream_reports_every_step_in_order_then_one_png(server: Server) -> None:
+    events = stream(server, {**BASE, "num_inference_steps": 6, "height": 32, "width": 48, "seed": 3})
+    *progress, result = events
+    assert [(e["type"], e["step"], e["total_steps"], e["done"]) for e in progress] == [
+        ("progress", step, 6, False) for step in range(1, 7)
+    ]
+    assert result["type"] == "result" and result["done"] is True
+    assert result["seed"] == 3 and (result["height"], result["width"]) == (32, 48)
+    assert image(result).format == "PNG"
+    assert image(result).size == (48, 32)
+
+
+def test_previews_come_every_nth_step_when_asked(server: Server) -> None:
+    *progress, _ = stream(server, {**BASE, "num_inference_steps": 4, "preview_every": 2, "seed": 1})
+    with_preview = [e["step"] for e in progress if e.get("preview_b64")]
+    assert with_preview == [2, 4]
+    assert Image.open(io.BytesIO(base64.b64decode(progress[1]["preview_b64"]))).format == "PNG"
+
+
+def test_the_same_seed_gives_the_same_image_alone_streamed_and_batched(server: Server) -> None:
+    body = {**BASE, "seed": 1234}
+    alone = predict(server, body).json()
+    streamed = stream(server, body)[-1]
+    assert alone["seed"] == streamed["seed"] == 1234
+    assert alone["image_b64"] == streamed["image_b64"]
+    # The first request of a burst may run alone while the rest queue: send ours several times among others.
+    others = [{**BASE, "seed": s} for s in (1, 2, 3)] + [{**BASE, "seed": 5, "height": 32}]
+    calls = [("predict", body) for _ in range(3)] + [("predict", other) for other in others * 2]
+    ours = concurrently(server, calls)[:3]
+    assert {answer["image_b64"] for answer in ours} == {alone["image_b64"]}
+    assert max(answer["metadata"]["batch_size"] for answer in ours) > 1
+
+
+def test_the_server_picks_and_returns_a_seed(server: Server) -> None:
+    first = predict(server, BASE).json()
+    again = predict(server, {**BASE, "seed": first["seed"]}).json()
+    assert again["image_b64"] == first["image_b64"]
+
+
+SELECTIONS: dict[str, dict[str, Any]] = {
+    "none": {"adapters": []},
+    "a": {"adapters": ["a"]},
+    "b": {"adapters": ["b"]},
+    "a+b": {"adapters": ["a", "b"], "adapter_weights": [0.7, 0.3]},
+}
+
+
+def test_adapters_never_bleed_into_other_requests(server: Server) -> None:
+    bodies = {name: {**BASE, "seed": 42, **fields} for name, fields in SELECTIONS.items()}
+    alone = {name: predict(server, body).json()["image_b64"] for name, body in bodies.items()}
+    assert len(set(alone.values())) == 4  # each selection draws its own image
+
+    calls = [(route, bodies[name]) for _ in range(3) for name in bodies for route in ("predict", "stream")]
+    answers = concurrently(server, calls)
+    expected = [alone[name] for _ in range(3) for name in bodies for _route in ("predict", "stream")]
+    assert [answer["image_b64"] for answer in answers] == expected
+
+
+def test_no_adapters_never_inherits_the_last_selection(server: Server) -> None:
+    plain = predict(server, {**BASE, "seed": 9, "adapters": []}).json()["image_b64"]
+    predict(server, {**BASE, "seed": 9, "adapters": ["a"]})
+    assert predict(server, {**BASE, "seed": 9, "adapters": []}).json()["image_b64"] == plain
+
+
+def test_unknown_adapters_and_mismatched_weights_are_422_before_any_event(server: Server) -> None:
+    for body, field in [
+        ({**BASE, "adapters": ["nope"]}, "adapters"),
+        ({**BASE, "adapters": ["a"], "adapter_weights": [0.5, 0.5]}, "adapter_weights"),
+        ({**BASE, "height": 30}, "height"),
+        ({**BASE, "prompt": "   "}, "prompt"),
+        ({**BASE, "num_inference_steps": 0}, "num_inference_steps"),
+    ]:
+        for route in ("predict", "stream"):
+            response = httpx.post(f"{server.url}/flux/{route}", json=body, timeout=30)
+            assert response.status_code == 422, (route, body, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            assert field in response.text
+
+
+def test_a_dropped_stream_stops_denoising_and_the_queued_request_runs(server: Server) -> None:
+    queued: list[httpx.Response] = []
+    body = {**BASE, "num_inference_steps": 200, "seed": 5, "request_id": "dropped-flux"}
+    with httpx.stream("POST", f"{server.url}/flux/stream", json=body, timeout=120) as response:
+        decoder, received = SSEDecoder(), 0
+        for chunk in response.iter_raw():
+            received += len(decoder.feed(chunk))
+            if received == 1:  # the stream holds the pipeline now: this predict queues behind it
+                waiter = threading.Thread(target=lambda: queued.append(predict(server, {**BASE, "seed": 6})))
+                waiter.start()
+            if received >= 2:
+                break
+    waiter.join(60)
+    assert queued and queued[0].status_code == 200
+    deadline = time.monotonic() + 30
+    while not (match := re.search(r"stream dropped-flux cancelled after (\d+) steps", server.log_text())):
+        assert time.monotonic() < deadline, "the pipeline never stopped"
+        time.sleep(0.1)
+    assert int(match.group(1)) < 200
+
+
+def test_a_failure_after_the_first_event_ends_the_stream_with_an_error_event(server: Server) -> None:
+    events = stream(server, {**BASE, "model_name": "fail-mid-stream"})
+    assert [event["type"] for event in events] == ["progress", "progress", "error"]
+    assert events[-1]["error"] == "InjectedFault: injected after two events"
+    assert predict(server, BASE).status_code == 200

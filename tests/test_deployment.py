@@ -1,0 +1,89 @@
+"""`Deployment` in process, on the real forecast backend: Feast lookups, the cache, and outcomes."""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sheaf.api import FeatureRef, ForecastRequest
+from sheaf.config import Cache, DeploymentConfig, FeatureStore, ModelSource
+from sheaf.deployment import Deployment
+from sheaf.features import FeatureStoreResolver, demo_series
+from sheaf.streaming import SSEDecoder
+from sheaf.tiny_timesfm import build_tiny_timesfm
+
+BACKEND = "sheaf.backends.forecast:ForecastBackend"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_timesfm(tmp_path_factory.mktemp("timesfm"))
+
+
+def loaded(config: DeploymentConfig) -> Deployment:
+    deployment = Deployment(config, BACKEND)
+    deployment.start()
+    assert deployment.loaded.wait(60), deployment.load_error
+    return deployment
+
+
+def ref(entity: str) -> FeatureRef:
+    return FeatureRef(feature_view="series_history", feature_name="values", entity_key="series_id", entity_value=entity)
+
+
+def test_feature_ref_without_a_store_is_422_for_that_request_only(model: Path) -> None:
+    deployment = loaded(DeploymentConfig(name="forecast", model=ModelSource(path=str(model))))
+    outcomes = asyncio.run(
+        deployment.predict([ForecastRequest(feature_ref=ref("sales")), ForecastRequest(history=[1.0, 2.0, 3.0])])
+    )
+    assert outcomes[0]["status"] == 422
+    assert outcomes[0]["body"]["detail"][0]["loc"] == ["body", "feature_ref"]
+    assert "no feature store" in outcomes[0]["body"]["detail"][0]["msg"]
+    assert outcomes[1]["status"] == 200
+
+
+def test_a_batch_looks_its_features_up_in_one_call(model: Path, feature_repo: Path) -> None:
+    config = DeploymentConfig(
+        name="forecast", model=ModelSource(path=str(model)), feature_store=FeatureStore(repo=str(feature_repo))
+    )
+    deployment = loaded(config)
+    calls: list[int] = []
+    resolver = deployment.features
+    assert isinstance(resolver, FeatureStoreResolver)
+    resolve = resolver.resolve
+
+    def counted(refs: Any) -> Any:
+        calls.append(len(refs))
+        return resolve(refs)
+
+    resolver.resolve = counted  # type: ignore[method-assign]
+    requests = [ForecastRequest(feature_ref=ref(name)) for name in ("sales", "traffic", "temperature", "nope")]
+    outcomes = asyncio.run(deployment.predict([*requests, ForecastRequest(history=[1.0, 2.0])]))
+    assert calls == [4]
+    assert [outcome["status"] for outcome in outcomes] == [200, 200, 200, 404, 200]
+    direct = asyncio.run(deployment.predict([ForecastRequest(history=demo_series("traffic"))]))
+    assert outcomes[1]["body"]["mean"] == direct[0]["body"]["mean"]
+
+
+def test_the_cache_keeps_successes_and_streams_skip_it(model: Path) -> None:
+    config = DeploymentConfig(name="forecast", model=ModelSource(path=str(model)), cache=Cache(enabled=True))
+    deployment = loaded(config)
+    first, bad = asyncio.run(
+        deployment.predict([ForecastRequest(history=[1.0, 2.0, 3.0]), ForecastRequest(history=[1.0], horizon=5000)])
+    )
+    again, bad_again = asyncio.run(
+        deployment.predict(
+            [ForecastRequest(history=[1.0, 2.0, 3.0], request_id="mine"), ForecastRequest(history=[1.0], horizon=5000)]
+        )
+    )
+    assert first["body"]["metadata"]["cache_hit"] is False
+    assert again["body"]["metadata"]["cache_hit"] is True
+    assert again["body"]["request_id"] == "mine"
+    assert bad["status"] == bad_again["status"] == 422  # errors are never cached
+
+    async def frames() -> list[str]:
+        return [frame async for frame in deployment.stream(ForecastRequest(history=[1.0, 2.0, 3.0]))]
+
+    (result,) = SSEDecoder().feed("".join(asyncio.run(frames())))
+    assert "cache_hit" not in result["metadata"]
