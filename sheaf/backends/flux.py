@@ -81,6 +81,11 @@ class FluxOptions(BaseModel):
     max_sequence_length: int = Field(
         512, ge=16, le=512, description="T5 prompt tokens; FLUX.1-schnell was trained with 256."
     )
+    batch_invariant: bool = Field(
+        True,
+        description="Multiply one sample at a time so a seed's image never depends on its batch; "
+        "false trades that for batch throughput (about 25% here on CPU).",
+    )
 
     @model_validator(mode="after")
     def _defaults_are_configured(self) -> FluxOptions:
@@ -171,8 +176,9 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         pipe.set_progress_bar_config(disable=True)  # a bar per call would flood the server log
         for adapter in self._options.adapters:
             pipe.load_lora_weights(_location(adapter.source), adapter_name=adapter.name)
-        # After the adapters: their LoRA layers hold linear layers too, and must be covered.
-        _per_sample_linears(pipe.transformer)
+        if self._options.batch_invariant:
+            # After the adapters: their LoRA layers hold linear layers too, and must be covered.
+            _per_sample_linears(pipe.transformer)
         self._pipe = pipe
         self._adapters = AdapterLock(self._apply_selection)
         logger.info(

@@ -5,12 +5,15 @@ length limit), so one bad clip is that request's 422 and never its batch-mates' 
 
 Two ways to run a batch, chosen by the `batched` option:
 
-- sequential (the default, faster on small CPUs; see `BATCHED_BY_DEFAULT`): each clip goes
-  through `WhisperModel.transcribe` in turn, the same code path that `stream` uses.
-- batched: every clip is cut into pieces of at most 30 s (by voice activity when the request
-  asks for `vad_filter`), the pieces of all clips that share decoding settings are laid out on
-  one timeline and go through one `BatchedInferencePipeline` call, and the segments are mapped
-  back to their clips.
+- batched (the default: measured faster, see `BATCHED_BY_DEFAULT`): every clip is cut into
+  pieces of at most 30 s (its speech under `vad_filter`, else consecutive stretches cut at a
+  pause), the pieces of all clips that share decoding settings go a few at a time through
+  `BatchedInferencePipeline` on one shared timeline, and each segment is mapped back to its clip.
+- sequential: each clip goes through `WhisperModel.transcribe` in turn (Whisper's own sliding
+  30 s windows, each conditioned on the previous window's text).
+
+`stream` always decodes sequentially, since that is what yields segments window by window; so a
+clip's streamed segments can differ a little from its predicted ones under the batched default.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import av
 import ctranslate2
@@ -36,7 +39,7 @@ import numpy.typing as npt
 from av.container import InputContainer
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper import transcribe as fw
-from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from faster_whisper.vad import VadOptions, get_speech_timestamps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
@@ -51,13 +54,19 @@ Audio = npt.NDArray[np.float32]
 
 SAMPLE_RATE = 16_000  # what every Whisper model takes
 PIECE_SECONDS = 30  # Whisper's window: the batched pipeline decodes one window per piece
-PIECES_PER_CALL = 16  # pieces encoded and decoded together in one batched model call
+# Pieces encoded and decoded together in one pipeline call. On the 2-core CPU 4 was fastest: 2 gave the
+# decoder less to share, and at 8 the encoder's time per piece grew (0.22 s alone, 0.27 s in a batch of 8).
+# 16 on a GPU is the batch size of faster-whisper's README example; it was not measured here.
+PIECES_PER_CALL = {"cpu": 4, "cuda": 16}
+# WhisperModel.transcribe's defaults for skipping a silent window.
+NO_SPEECH_THRESHOLD, LOG_PROB_THRESHOLD = 0.6, -1.0
+CUT_SEARCH_SECONDS = 5  # how far before the 30 s limit a clip's cut may move to find a pause
 
-BATCHED_BY_DEFAULT = False
-"""Measured with real tiny.en weights (int8) on a 2-core CPU, batches of 4 and 8 short clips:
-the batched pipeline was no faster than transcribing the clips one after another (the
-encoder, which runs on a full 30 s window per clip either way, dominates), while sequential
-decoding keeps predict's segments identical to stream's. On a GPU, `batched: true` pays."""
+BATCHED_BY_DEFAULT = True
+"""Measured with the real tiny.en weights (int8, beam 5) on the 2-core CPU, batches of 3-4 s espeak
+clips, 8 interleaved runs per figure, two sessions, median wall time: 4 clips 1.45 s batched vs
+1.89 s sequential, 8 clips 2.8 s vs 3.75 s (about 23 % less time, 18 % less CPU). While other jobs
+loaded the machine the gain shrank to about 10 %; with all 8 pieces in one call it was smaller."""
 
 
 class WhisperOptions(BaseModel):
@@ -113,6 +122,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         self._options: WhisperOptions = self.options()
         self._batched = BATCHED_BY_DEFAULT if self._options.batched is None else self._options.batched
         self._model: WhisperModel | None = None
+        self._pieces_per_call = PIECES_PER_CALL["cpu"]
 
     @property
     def batched(self) -> bool:
@@ -132,6 +142,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         location = self._model_location()
         device = _device(self.config.device)
         options = self._options
+        self._pieces_per_call = PIECES_PER_CALL[device]
         self._model = WhisperModel(
             location, device=device, compute_type=options.compute_type, cpu_threads=options.cpu_threads
         )
@@ -298,32 +309,43 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         return detected, float(probability)
 
     def _decode_group(self, language: str, clips: Sequence[_Clip], indices: Sequence[int]) -> dict[int, list[Segment]]:
+        """Every piece of these clips, a few at a time (memory stays bounded whatever the clips' length)."""
         request = clips[0].request  # every clip in a group decodes the same way
         pieces = [piece for clip, index in zip(clips, indices, strict=True) for piece in _pieces(clip, index)]
         found: dict[int, list[Segment]] = {index: [] for index in indices}
-        if not pieces:  # nothing but silence under VAD
-            return found
+        for first in range(0, len(pieces), self._pieces_per_call):
+            for piece, segments in self._decode_pieces(
+                language, request, pieces[first : first + self._pieces_per_call]
+            ):
+                found[piece.clip].extend(segments)
+        return {index: _renumbered(segments) for index, segments in found.items()}
+
+    def _decode_pieces(
+        self, language: str, request: TranscriptionRequest, pieces: Sequence[_Piece]
+    ) -> list[tuple[_Piece, list[Segment]]]:
+        """One BatchedInferencePipeline call for these pieces; each piece's segments in its clip's time."""
         timeline = _lay_out(pieces)
-        # The pipeline marks each segment with its piece's start, in feature frames.
-        by_seek = {piece.offset * self.model.frames_per_second: piece for piece in pieces}
         pipeline = BatchedInferencePipeline(self.model)  # it keeps state between pieces: one per call
         raw_segments, _ = pipeline.transcribe(
             timeline,
             clip_timestamps=[{"start": p.offset, "end": p.offset + len(p.audio) / SAMPLE_RATE} for p in pieces],
-            batch_size=min(len(pieces), PIECES_PER_CALL),
+            batch_size=len(pieces),
             without_timestamps=False,  # segments split as the sequential path splits them
             # vad_filter goes along unused: given clip_timestamps, the pipeline runs no VAD (`_pieces` did).
             **_decoding_arguments(request, language),
         )
+        # The pipeline marks each segment with its piece's start on the timeline, in feature frames.
         per_piece: dict[int, list[fw.Segment]] = {}
         for raw in raw_segments:
             per_piece.setdefault(raw.seek, []).append(raw)
-        for seek, piece in by_seek.items():
+        decoded = []
+        for piece in pieces:
+            own = per_piece.get(piece.offset * self.model.frames_per_second, [])
             restored = fw.restore_speech_timestamps(
-                [_shifted(raw, -piece.offset) for raw in per_piece.get(seek, [])], piece.regions, SAMPLE_RATE
+                [_shifted(raw, -piece.offset) for raw in own], piece.regions, SAMPLE_RATE
             )
-            found[piece.clip].extend(_segment(raw) for raw in restored if raw.text.strip() and raw.start != raw.end)
-        return {index: _renumbered(segments) for index, segments in found.items()}
+            decoded.append((piece, [_segment(raw) for raw in restored if _kept(raw)]))
+        return decoded
 
     # -- responses ---------------------------------------------------------------------------
 
@@ -464,17 +486,45 @@ def _pieces(clip: _Clip, index: int) -> list[_Piece]:
         speech = get_speech_timestamps(
             audio, VadOptions(max_speech_duration_s=PIECE_SECONDS, min_silence_duration_ms=160)
         )
-        chunks, metadata = collect_chunks(audio, speech, max_duration=PIECE_SECONDS)
         return [
-            _Piece(index, chunk, list(meta["segments"]))
-            for chunk, meta in zip(chunks, metadata, strict=True)
-            if len(chunk) > 0
+            _Piece(index, np.concatenate([audio[r["start"] : r["end"]] for r in regions]), regions)
+            for regions in _up_to_a_window(speech)
         ]
-    step = PIECE_SECONDS * SAMPLE_RATE
-    return [
-        _Piece(index, audio[start : start + step], [{"start": start, "end": min(start + step, len(audio))}])
-        for start in range(0, len(audio), step)
-    ]
+    return [_Piece(index, audio[start:end], [{"start": start, "end": end}]) for start, end in _quiet_cuts(audio)]
+
+
+def _up_to_a_window(speech: list[dict[str, int]]) -> list[list[dict[str, int]]]:
+    """Consecutive speech stretches grouped so that each group's speech lasts at most 30 s. (faster-whisper's
+    collect_chunks does this too, but leaves each later group's first stretch out of its metadata.)"""
+    limit = PIECE_SECONDS * SAMPLE_RATE
+    groups: list[list[dict[str, int]]] = []
+    total = 0
+    for region in speech:
+        size = region["end"] - region["start"]
+        if groups and total + size <= limit:
+            groups[-1].append(region)
+            total += size
+        else:
+            groups.append([region])
+            total = size
+    return groups
+
+
+def _quiet_cuts(audio: Audio) -> list[tuple[int, int]]:
+    """Consecutive stretches of at most 30 s that cover the whole clip, each cut at the quietest 100 ms
+    of the 5 s before the limit: a pause, as a rule, rather than the middle of a word."""
+    window, frame = CUT_SEARCH_SECONDS * SAMPLE_RATE, SAMPLE_RATE // 10
+    limit = PIECE_SECONDS * SAMPLE_RATE
+    stretches: list[tuple[int, int]] = []
+    start, length = 0, len(audio)
+    while length - start > limit:
+        search = audio[start + limit - window : start + limit]
+        loudness = np.abs(search).reshape(-1, frame).mean(axis=1)
+        cut = start + limit - window + int(np.argmin(loudness)) * frame + frame // 2
+        stretches.append((start, cut))
+        start = cut
+    stretches.append((start, length))
+    return stretches
 
 
 def _lay_out(pieces: Sequence[_Piece]) -> Audio:
@@ -498,6 +548,13 @@ def _shifted(raw: fw.Segment, seconds: float) -> fw.Segment:
         else [dataclasses.replace(word, start=word.start + seconds, end=word.end + seconds) for word in raw.words]
     )
     return dataclasses.replace(raw, start=raw.start + seconds, end=raw.end + seconds, words=words)
+
+
+def _kept(raw: fw.Segment) -> bool:
+    """What WhisperModel.transcribe keeps and the batched pipeline does not filter by itself: text with a
+    duration, from a window that is not judged silent (likely no speech, decoded with low confidence)."""
+    silent = raw.no_speech_prob > NO_SPEECH_THRESHOLD and raw.avg_logprob < LOG_PROB_THRESHOLD
+    return bool(raw.text.strip()) and raw.start != raw.end and not silent
 
 
 def _renumbered(segments: list[Segment]) -> list[Segment]:
@@ -547,7 +604,7 @@ def _find_package_folder(package: str, pattern: str) -> Path:
     return matches[0]
 
 
-def _device(setting: str) -> str:
+def _device(setting: Literal["cpu", "cuda", "auto"]) -> Literal["cpu", "cuda"]:
     if setting == "auto":
         return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     return setting

@@ -3,6 +3,7 @@ multilingual Whisper built on the fly."""
 
 import base64
 import io
+import itertools
 import logging
 import random
 import re
@@ -387,6 +388,28 @@ def test_stream_sends_each_segment_as_it_decodes(
     assert result.duration == pytest.approx(wav_seconds(long_clip), abs=0.01) and result.duration > 30
     # predict runs the same decoding
     assert predict(sequential, request(long_clip)).segments == streamed
+
+
+@pytest.mark.parametrize("vad_filter", [False, True])
+def test_batched_cuts_long_clips_into_windows(batched: WhisperBackend, long_clip: bytes, vad_filter: bool) -> None:
+    """Over 30 s: cut at a pause, or (under VAD) into groups of speech of at most 30 s, then mapped back."""
+    response = predict(batched, request(long_clip, vad_filter=vad_filter))
+    assert word_error_rate(LONG_TEXT, response.text) <= MAX_WER, response.text
+    starts = [segment.start for segment in response.segments]
+    assert starts == sorted(starts) and response.segments[-1].end > 30
+    assert all(segment.end <= response.duration + 0.5 for segment in response.segments)
+
+
+def test_quiet_cuts_cover_the_clip_and_fall_in_pauses() -> None:
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 75 * 16000).astype(np.float32)
+    for pause in (27.0, 54.0):  # seconds; the second within 5 s before the first cut's 30 s limit
+        noise[int(pause * 16000) : int((pause + 0.3) * 16000)] = 0.0
+    stretches = whisper._quiet_cuts(noise)
+    assert stretches[0][0] == 0 and stretches[-1][1] == len(noise)
+    assert all(end == next_start for (_, end), (next_start, _) in itertools.pairwise(stretches))
+    assert all(0 < end - start <= 30 * 16000 for start, end in stretches)
+    cuts = [end / 16000 for _, end in stretches[:-1]]
+    assert len(cuts) == 2 and 27.0 <= cuts[0] <= 27.3 and 54.0 <= cuts[1] <= 54.3, cuts
 
 
 @pytest.mark.parametrize("how", ["cancel-event", "consumer-closes"])
