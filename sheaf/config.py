@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -112,6 +113,35 @@ def load_config(path: Path) -> DeploymentConfig:
 def cache_dir() -> Path:
     """Where converted or built weights are kept between starts (`SHEAF_CACHE_DIR`)."""
     return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
+
+
+def weights_location(source: ModelSource) -> str | None:
+    """The folder or hub id that `source` names, building a `build` source first; None for a
+    `package` source, whose layout only its backend knows (see `find_in_package`)."""
+    if source.path:
+        return source.path
+    if source.hub:
+        return source.hub
+    if source.build:
+        return str(built_weights(source.build))
+    return None
+
+
+def find_in_package(package: str, pattern: str) -> Path:
+    """The one file or folder matching `pattern` inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    matches = sorted(folder.glob(pattern))
+    if not matches:
+        raise FileNotFoundError(f"nothing matches {pattern!r} in package {package} ({folder})")
+    if len(matches) > 1:
+        names = ", ".join(match.name for match in matches)
+        raise ValueError(
+            f"{pattern!r} matches several entries in package {package} ({names}); name one in `model.file`"
+        )
+    return matches[0]
 
 
 def built_weights(builder: str) -> Path:

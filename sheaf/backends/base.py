@@ -13,15 +13,19 @@ A backend overrides three hooks:
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from sheaf.api.base import BaseRequest, BaseResponse
 from sheaf.api.events import ResultEvent, StreamEvent
 from sheaf.config import DeploymentConfig
+
+if TYPE_CHECKING:
+    import torch
 
 RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
@@ -50,3 +54,17 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         if isinstance(outcome, Exception):
             raise outcome
         yield ResultEvent(response=outcome)
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since `started` (a `time.perf_counter()` reading), for response metadata."""
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def torch_device(setting: str) -> torch.device:
+    """The config's `device` for torch: "auto" is CUDA when there is one."""
+    import torch  # here, not at the top: the service imports this module and never loads torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

@@ -42,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
-from sheaf.backends.base import Backend
-from sheaf.config import DeploymentConfig, ModelSource, built_weights
+from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.config import DeploymentConfig, ModelSource, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
 
@@ -172,7 +172,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         started = time.perf_counter()
         weights = _location(self.config.model)
         pipe = _diffusers.FluxPipeline.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
-        pipe.to(_device(self.config.device))
+        pipe.to(torch_device(self.config.device))
         pipe.set_progress_bar_config(disable=True)  # a bar per call would flood the server log
         for adapter in self._options.adapters:
             pipe.load_lora_weights(_location(adapter.source), adapter_name=adapter.name)
@@ -187,7 +187,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             weights,
             len(self._options.adapters),
             pipe.device,
-            _elapsed_ms(started) / 1000,
+            elapsed_ms(started) / 1000,
         )
 
     def _apply_selection(self, selection: Selection) -> None:
@@ -243,7 +243,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             with self.adapters.hold(selection):
                 started = time.perf_counter()
                 images = self._generate(group, shape)
-                elapsed = _elapsed_ms(started)
+                elapsed = elapsed_ms(started)
         except Exception as exc:  # this group's call failed: its requests get the error, other groups still run
             logger.exception("pipeline call failed for a group of %d", len(group))
             return [exc] * len(group)
@@ -300,7 +300,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             with self.adapters.hold(job.selection, stop):
                 started = time.perf_counter()
                 images = self._generate([job], shape, on_step)
-                run.inference_ms = _elapsed_ms(started)
+                run.inference_ms = elapsed_ms(started)
             run.image = images[0] if images else None
         except LockWaitCancelled:
             pass  # the consumer logs the cancellation
@@ -485,24 +485,11 @@ def _png_b64(image: Image.Image) -> str:
 
 def _location(source: ModelSource) -> str:
     """A folder or hub id that diffusers reads: a `build` source is built once into the cache."""
-    if source.path:
-        return source.path
-    if source.hub:
-        return source.hub
-    if source.build:
-        return str(built_weights(source.build))
-    raise ValueError("a FLUX model or adapter source must give `path`, `hub` or `build`")
+    location = weights_location(source)
+    if location is None:
+        raise ValueError("a FLUX model or adapter source must give `path`, `hub` or `build`")
+    return location
 
 
 def _log_cancelled(run: _StreamRun) -> None:
     logger.info("stream %s cancelled after %d steps", run.job.request.request_id, run.steps)
-
-
-def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
-
-
-def _device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)

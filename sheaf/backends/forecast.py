@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import TimesFmModelForPrediction
 
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
-from sheaf.backends.base import Backend
-from sheaf.config import DeploymentConfig, built_weights
+from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.config import DeploymentConfig, weights_location
 from sheaf.exceptions import InvalidRequest
 
 logger = logging.getLogger("sheaf.backends.forecast")
@@ -92,24 +92,20 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
         started = time.perf_counter()
         weights = self._weights_location()
         model = TimesFmModelForPrediction.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
-        model.to(_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
+        model.to(torch_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
         model.eval()  # type: ignore[no-untyped-call]
         self._head_levels = _head_levels(model.config.quantiles)
         self._model = model
         logger.info(
-            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, _elapsed_ms(started) / 1000
+            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, elapsed_ms(started) / 1000
         )
 
     def _weights_location(self) -> str:
         """A folder or hub id that from_pretrained reads; a builder's weights are built once into the cache."""
-        source = self.config.model
-        if source.path:
-            return source.path
-        if source.hub:
-            return source.hub
-        if source.build:
-            return str(built_weights(source.build))
-        raise ValueError("a forecasting deployment takes its model from `path`, `hub` or `build`, not `package`")
+        location = weights_location(self.config.model)
+        if location is None:
+            raise ValueError("a forecasting deployment takes its model from `path`, `hub` or `build`, not `package`")
+        return location
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -125,7 +121,7 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
             except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
                 logger.exception("forecast failed for a batch of %d", len(rows))
                 failure = exc
-            metadata["inference_ms"] = _elapsed_ms(started)
+            metadata["inference_ms"] = elapsed_ms(started)
         return [self._outcome(item, failure, metadata) for item in prepared]
 
     def _outcome(
@@ -275,13 +271,3 @@ def _sample_seed(request: ForecastRequest, series: list[float]) -> int:
 
 def _level_key(level: float) -> str:
     return repr(float(level))  # shortest round-trip form: 0.1 -> "0.1"
-
-
-def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
-
-
-def _device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)

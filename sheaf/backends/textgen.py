@@ -10,7 +10,6 @@ depend on which other requests shared its batch: the same seed gives the same te
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import queue
 import shutil
@@ -40,8 +39,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import Backend
-from sheaf.config import DeploymentConfig, built_weights, cache_dir
+from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location
 from sheaf.exceptions import InvalidRequest
 
 logger = logging.getLogger("sheaf.backends.textgen")
@@ -91,7 +90,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         weights = self._weights_location()
         tokenizer = AutoTokenizer.from_pretrained(weights)
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
-        model.to(_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
+        model.to(torch_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -109,22 +108,17 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         self._context = _context_length(model, tokenizer)
         self._model, self._tokenizer = model, tokenizer
         logger.info(
-            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, _elapsed_ms(started) / 1000
+            "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, elapsed_ms(started) / 1000
         )
 
     def _weights_location(self) -> str:
         """A folder or hub id that from_pretrained reads; a package's GGUF file is converted once into the cache,
         and a builder's weights are built once there."""
         source = self.config.model
-        if source.path:
-            return source.path
-        if source.hub:
-            return source.hub
-        if source.build:
-            return str(built_weights(source.build))
-        if not source.package:
-            raise ValueError("model source names no path, package or hub id")
-        found = _find_package_file(source.package, source.file or "*.gguf")
+        if (location := weights_location(source)) is not None:
+            return location
+        assert source.package is not None  # a ModelSource names exactly one source
+        found = find_in_package(source.package, source.file or "*.gguf")
         if found.is_dir():
             return str(found)
         if found.suffix != ".gguf":
@@ -148,7 +142,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
                 logger.exception("generate failed for a batch of %d", len(rows))
                 failure = exc
-            metadata["inference_ms"] = _elapsed_ms(started)
+            metadata["inference_ms"] = elapsed_ms(started)
         return [self._outcome(item, failure, metadata) for item in prepared]
 
     def _outcome(
@@ -198,7 +192,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         finish_reason: FinishReason = decoding.finish_reason or "cancelled"
         if finish_reason == "cancelled":
             _log_cancelled(decoding)
-        metadata = {"batch_size": 1, "inference_ms": _elapsed_ms(started)}
+        metadata = {"batch_size": 1, "inference_ms": elapsed_ms(started)}
         yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
 
     def _prepare(self, request: TextGenerationRequest) -> _Decoding | Exception:
@@ -466,16 +460,6 @@ def _log_cancelled(decoding: _Decoding) -> None:
     logger.info("stream %s cancelled after %d tokens", decoding.request.request_id, len(decoding.tokens))
 
 
-def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
-
-
-def _device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Every token that ends a reply: the checkpoint's generation config may list several."""
     configured = model.generation_config.eos_token_id if model.generation_config else None
@@ -493,21 +477,6 @@ def _context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     if tokenizer.model_max_length < 10_000_000:
         return int(tokenizer.model_max_length)
     raise ValueError("cannot tell the model's context length from its config or tokenizer")
-
-
-def _find_package_file(package: str, pattern: str) -> Path:
-    """The one file (or folder) matching `pattern` in an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    matches = sorted(folder.glob(pattern))
-    if not matches:
-        raise FileNotFoundError(f"no file matching {pattern!r} in package {package} ({folder})")
-    if len(matches) > 1:
-        names = ", ".join(match.name for match in matches)
-        raise ValueError(f"{pattern!r} matches several files in package {package} ({names}); name one in `model.file`")
-    return matches[0]
 
 
 def _cache_name(package: str, gguf: Path) -> str:
@@ -539,4 +508,4 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("converted %s in %.1f s", gguf.name, _elapsed_ms(started) / 1000)
+    logger.info("converted %s in %.1f s", gguf.name, elapsed_ms(started) / 1000)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import importlib.util
 import io
 import logging
 import math
@@ -29,7 +28,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import av
@@ -44,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
-from sheaf.backends.base import Backend
-from sheaf.config import DeploymentConfig, built_weights
+from sheaf.backends.base import Backend, elapsed_ms
+from sheaf.config import DeploymentConfig, find_in_package, weights_location
 from sheaf.exceptions import InvalidRequest
 
 logger = logging.getLogger("sheaf.backends.whisper")
@@ -161,15 +159,10 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
     def _model_location(self) -> str:
         """A CTranslate2 model folder, or a hub id that faster-whisper downloads (or finds in its cache)."""
         source = self.config.model
-        if source.path:
-            return source.path
-        if source.hub:
-            return source.hub
-        if source.build:
-            return str(built_weights(source.build))
-        if not source.package:
-            raise ValueError("model source names no path, package, hub id or builder")
-        found = _find_package_folder(source.package, source.file or "model")
+        if (location := weights_location(source)) is not None:
+            return location
+        assert source.package is not None  # a ModelSource names exactly one source
+        found = find_in_package(source.package, source.file or "model")
         if not (found / "model.bin").is_file():
             raise ValueError(f"{found}: not a CTranslate2 model folder (no model.bin) in package {source.package}")
         return str(found)
@@ -186,7 +179,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             results = self._transcribe_batched(clips)
         else:
             results = [self._transcribe_one(clip) for clip in clips]
-        metadata = {"batch_size": len(clips), "inference_ms": _elapsed_ms(started), "batched": self._batched}
+        metadata = {"batch_size": len(clips), "inference_ms": elapsed_ms(started), "batched": self._batched}
         outcomes = iter(results)
         return [
             item if isinstance(item, Exception) else self._outcome(item, next(outcomes), metadata) for item in prepared
@@ -233,7 +226,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             return
         metadata = {
             "batch_size": 1,
-            "inference_ms": _elapsed_ms(started),
+            "inference_ms": elapsed_ms(started),
             "batched": False,
             "decode_ms": clip.decode_ms,
         }
@@ -247,7 +240,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             audio = decode_request_audio(request.audio_b64, self._options.max_audio_seconds)
         except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
             return exc
-        return _Clip(request, audio, _elapsed_ms(started))
+        return _Clip(request, audio, elapsed_ms(started))
 
     def _language(self, request: TranscriptionRequest) -> str | None:
         """The language to decode in (None: detect it); InvalidRequest when this model cannot take the request."""
@@ -587,28 +580,7 @@ def _segment(raw: fw.Segment) -> Segment:
     )
 
 
-def _find_package_folder(package: str, pattern: str) -> Path:
-    """The one folder matching `pattern` in an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    matches = sorted(match for match in folder.glob(pattern) if match.is_dir())
-    if not matches:
-        raise FileNotFoundError(f"no folder matching {pattern!r} in package {package} ({folder})")
-    if len(matches) > 1:
-        names = ", ".join(match.name for match in matches)
-        raise ValueError(
-            f"{pattern!r} matches several folders in package {package} ({names}); name one in `model.file`"
-        )
-    return matches[0]
-
-
 def _device(setting: Literal["cpu", "cuda", "auto"]) -> Literal["cpu", "cuda"]:
     if setting == "auto":
         return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     return setting
-
-
-def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
