@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,18 +148,25 @@ def find_in_package(package: str, pattern: str) -> Path:
 def built_weights(builder: str) -> Path:
     """The folder a `build` source writes, made once per builder into the cache."""
     module, _, name = builder.partition(":")
-    dest = cache_dir() / "built" / builder.replace(":", "--")
-    if not dest.is_dir():
-        build = getattr(importlib.import_module(module), name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    return write_once(
+        cache_dir() / "built" / builder.replace(":", "--"),
+        lambda staging: getattr(importlib.import_module(module), name)(staging),
+    )
+
+
+def write_once(dest: Path, write: Callable[[Path], object]) -> Path:
+    """Have `write` fill the folder `dest` unless it exists; it appears whole or not at all."""
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(staging)
         try:
-            build(staging)
-            try:
-                staging.rename(dest)
-            except OSError:
-                if not dest.is_dir():  # else another process built it first: use theirs
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # else another process wrote it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
 from sheaf.backends.base import Backend, elapsed_ms, torch_device
-from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location
+from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location, write_once
 from sheaf.exceptions import InvalidRequest
 
 logger = logging.getLogger("sheaf.backends.textgen")
@@ -124,9 +122,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         if found.suffix != ".gguf":
             raise ValueError(f"{found}: expected a .gguf file or a model folder inside package {source.package}")
         cached = cache_dir() / "models" / _cache_name(source.package, found)
-        if not cached.is_dir():
-            _convert_gguf(found, cached)
-        return str(cached)
+        return str(write_once(cached, lambda staging: _convert_gguf(found, staging)))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -487,25 +483,15 @@ def _cache_name(package: str, gguf: Path) -> str:
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
-    """Dequantise a GGUF checkpoint into a transformers folder at `dest`, which appears whole or not at all."""
+    """Dequantise a GGUF checkpoint into a transformers folder at `dest` (a staging folder of `write_once`)."""
     started = time.perf_counter()
-    logger.info("converting %s into %s (once)", gguf, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A model loaded from GGUF cannot be saved as it is; a fresh one of the same config takes its weights and can.
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(dest)
-        except OSError:
-            if not dest.is_dir():  # else another process converted it first; use theirs
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converting %s (once)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF cannot be saved as it is; a fresh one of the same config takes its weights and can.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
     logger.info("converted %s in %.1f s", gguf.name, elapsed_ms(started) / 1000)
