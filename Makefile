@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps serve test lint format clean
+.PHONY: install system-deps serve bento test lint format clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ serve: install
 	@# The demo Feast repo that configs/forecast.yaml reads (quick once it exists).
 	$(BIN)/python -m sheaf.features .feast-demo
 	$(BIN)/bentoml serve bentos.gateway:Sheaf --host $(HOST) --port $(PORT)
+
+# A bento with every deployment (and the demo feature store), into BentoML's store (BENTOML_HOME).
+bento: install
+	$(BIN)/python -m sheaf.features .feast-demo
+	$(BIN)/bentoml build
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,23 +11,36 @@ from typing import Any
 import bentoml
 
 import bentos
+from sheaf.config import ConfigError, config_dir
 from sheaf.gateway import gateway_routes, serve_contract
 
 
 def _deployments() -> list[bentoml.Service[Any]]:
-    modules = (importlib.import_module(f"bentos.{m.name}") for m in pkgutil.iter_modules(bentos.__path__))
-    return [
+    """The configured deployments; a config error stops start-up with its one-line message."""
+    try:
+        folder = config_dir()
+        modules = [importlib.import_module(f"bentos.{m.name}") for m in pkgutil.iter_modules(bentos.__path__)]
+    except ConfigError as exc:
+        raise SystemExit(f"sheaf: config error: {exc}") from None
+    services = [
         service
         for module in modules
         if module.__name__ != __name__
         for service in vars(module).values()
         if isinstance(service, bentoml.Service)
     ]
+    served = {service.inner.config_path.name for service in services}
+    unused = sorted(path.name for path in folder.glob("*.yaml") if path.name not in served)
+    if unused:  # most likely a typo in the file name: say so rather than serve without it
+        raise SystemExit(f"sheaf: config error: {folder}: no service module reads {', '.join(unused)}")
+    if not services:
+        raise SystemExit(f"sheaf: config error: {folder}: no deployment configs (*.yaml) there")
+    return services
 
 
 @bentoml.service(name="sheaf")
 class Sheaf(gateway_routes(*_deployments())):  # type: ignore[misc]
-    """Serves /{name}/predict, /{name}/stream, /{name}/health and /{name}/ready for each deployment."""
+    """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready for each deployment."""
 
 
 serve_contract(Sheaf)

@@ -6,12 +6,14 @@
             ...
 
 `predict` returns the deployment's typed response; `stream` yields typed events and ends
-with a `ResultEvent` (an `error` event raises `StreamError`). Errors are in `sheaf.exceptions`.
+with a `ResultEvent` (an `error` event raises `StreamError`); `batch` sends requests the
+caller batched itself and answers each with its response or its own error. Errors are in
+`sheaf.exceptions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -19,7 +21,7 @@ import httpx
 
 from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.api.events import ErrorEvent, ResultEvent, StreamEvent, parse_event
-from sheaf.exceptions import ClientError, ServerError, StreamError, TransportError
+from sheaf.exceptions import ClientError, HTTPStatusError, ServerError, StreamError, TransportError
 from sheaf.streaming import SSEDecoder
 
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -39,8 +41,23 @@ def _check(response: httpx.Response) -> None:
     except ValueError:
         detail = response.text
     retry_after = response.headers.get("retry-after")
-    error = ClientError if response.status_code < 500 else ServerError
-    raise error(response.status_code, detail, float(retry_after) if retry_after else None)
+    raise _error(response.status_code, detail, float(retry_after) if retry_after else None)
+
+
+def _error(status: int, detail: Any, retry_after: float | None = None) -> HTTPStatusError:
+    return (ClientError if status < 500 else ServerError)(status, detail, retry_after)
+
+
+def _batch_results(
+    requests: Sequence[BaseRequest[ResponseT]], response: httpx.Response
+) -> list[ResponseT | HTTPStatusError]:
+    _check(response)
+    return [
+        request.response_model.model_validate(outcome["body"])  # type: ignore[misc]
+        if outcome["status"] == 200
+        else _error(outcome["status"], outcome["body"].get("detail"))
+        for request, outcome in zip(requests, response.json(), strict=True)
+    ]
 
 
 def _response(request: BaseRequest[ResponseT], response: httpx.Response) -> ResponseT:
@@ -103,6 +120,15 @@ class AsyncSheafClient:
             raise TransportError(str(exc) or type(exc).__name__) from exc
         events.close()
 
+    async def batch(self, name: str, requests: Sequence[BaseRequest[ResponseT]]) -> list[ResponseT | HTTPStatusError]:
+        """Requests batched by the caller, in one call (at most the deployment's `max_batch_size`):
+        each answer is its response, or the error that request alone got (not raised)."""
+        try:
+            response = await self._http.post(f"/{name}/batch", json=[_body(request) for request in requests])
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        return _batch_results(requests, response)
+
     async def health(self, name: str) -> dict[str, Any]:
         return await self._get(f"/{name}/health")
 
@@ -159,6 +185,15 @@ class SheafClient:
         except httpx.TransportError as exc:
             raise TransportError(str(exc) or type(exc).__name__) from exc
         events.close()
+
+    def batch(self, name: str, requests: Sequence[BaseRequest[ResponseT]]) -> list[ResponseT | HTTPStatusError]:
+        """Requests batched by the caller, in one call (at most the deployment's `max_batch_size`):
+        each answer is its response, or the error that request alone got (not raised)."""
+        try:
+            response = self._http.post(f"/{name}/batch", json=[_body(request) for request in requests])
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        return _batch_results(requests, response)
 
     def health(self, name: str) -> dict[str, Any]:
         return self._get(f"/{name}/health")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR_ENV = "SHEAF_CONFIG_DIR"
+CONFIG_SET_ENV = "SHEAF_CONFIG_SET"
 CACHE_DIR_ENV = "SHEAF_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/sheaf"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -69,12 +70,23 @@ class FeatureStore(_Strict):
     repo: str = Field(description="Folder holding feature_store.yaml; relative to this config file.")
 
 
+class Resources(_Strict):
+    """What BentoML reserves for each worker of the deployment (and asks of a cluster)."""
+
+    cpu: str | None = Field(None, description='Cores, e.g. "2" or "500m".')
+    memory: str | None = Field(None, description='e.g. "8Gi".')
+    gpu: int | None = Field(None, ge=0, description="GPUs per worker.")
+    gpu_type: str | None = Field(None, description='e.g. "nvidia-l4".')
+
+
 class DeploymentConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Route prefix: /{name}/predict.")
     backend: str | None = Field(None, description="`module:Class` to use instead of the deployment's own backend.")
     model: ModelSource
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    workers: int = Field(1, ge=1, description="Worker processes, each with its own copy of the model.")
+    resources: Resources = Resources()
     batching: Batching = Batching()
     timeout_s: float = Field(300.0, gt=0, description="Longest a request may take, end to end.")
     max_body_mb: float = Field(32.0, gt=0, description="Larger request bodies get 413 before anything runs.")
@@ -84,11 +96,23 @@ class DeploymentConfig(_Strict):
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR)
+    """The active config set: `SHEAF_CONFIG_DIR` (any folder), else `configs/<SHEAF_CONFIG_SET>`
+    (a set shipped with the code, e.g. `production`), else `configs/`."""
+    if chosen := os.environ.get(CONFIG_DIR_ENV):
+        folder, variable = Path(chosen).expanduser().resolve(), CONFIG_DIR_ENV
+    elif chosen := os.environ.get(CONFIG_SET_ENV):
+        folder, variable = DEFAULT_CONFIG_DIR / chosen, CONFIG_SET_ENV
+    else:
+        return DEFAULT_CONFIG_DIR
+    if not folder.is_dir():
+        sets = sorted(p.name for p in DEFAULT_CONFIG_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+        raise ConfigError(f"{variable}={chosen}: no such config folder {folder} (shipped sets: {', '.join(sets)})")
+    return folder
 
 
-def load_config(path: Path) -> DeploymentConfig:
-    """Read and validate one config file; relative model paths resolve against the file."""
+def load_config(path: Path, options: type[BaseModel] | None = None) -> DeploymentConfig:
+    """Read and validate one config file, its `options:` too when given their model; relative
+    paths resolve against the file."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -100,15 +124,26 @@ def load_config(path: Path) -> DeploymentConfig:
     raw.setdefault("name", path.stem)
     try:
         config = DeploymentConfig.model_validate(raw)
+        if options is not None and config.backend is None:  # a custom backend validates its own, at load
+            options.model_validate(config.options)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {key}: {first['msg']}") from None
+        raise ConfigError(_describe(path, exc)) from None
     if config.model.path:
         config.model.path = str((path.parent / Path(config.model.path).expanduser()).resolve())
     if config.feature_store:
         config.feature_store.repo = str((path.parent / Path(config.feature_store.repo).expanduser()).resolve())
     return config
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    """`file: key: problem (got value)` for the first error; `options` keys are prefixed as in the file."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    if exc.title != DeploymentConfig.__name__:
+        loc.insert(0, "options")
+    got = first.get("input")
+    shown = "" if first["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {'.'.join(loc) or '(top level)'}: {first['msg']}{shown}"
 
 
 def cache_dir() -> Path:

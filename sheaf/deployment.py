@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent
 from sheaf.backends.base import Backend
@@ -94,6 +95,7 @@ class Deployment:
     async def predict(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
         if unavailable := self._unavailable():
             return [unavailable] * len(requests)
+        metrics.BATCH_SIZE.labels(self.config.name).observe(len(requests))
         batch = list(requests)
         outcomes: list[Outcome | None] = [None] * len(batch)
         metadata: list[dict[str, Any]] = [{} for _ in batch]
@@ -105,7 +107,16 @@ class Deployment:
                 outcomes[i] = outcome
                 if self.cache is not None and outcome["status"] == 200:
                     self.cache.put(keys[i], outcome["body"])
-        return [_with_metadata(outcome, extra) for outcome, extra in zip(outcomes, metadata, strict=True) if outcome]
+        answered = [_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o]
+        for request, outcome in zip(requests, answered, strict=True):
+            logger.info(
+                "%s predict request_id=%s status=%d batch=%d",
+                self.config.name,
+                request.request_id,
+                outcome["status"],
+                len(batch),
+            )
+        return answered
 
     async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
         try:
@@ -151,7 +162,8 @@ class Deployment:
                 outcomes[i] = failure(refused)
             return
         refs = [getattr(batch[i], "feature_ref") for i in wanting]  # noqa: B009
-        resolved = await asyncio.to_thread(self.features.resolve, refs)
+        with metrics.FEATURE_LOOKUP.labels(self.config.name).time():
+            resolved = await asyncio.to_thread(self.features.resolve, refs)
         for i, result in zip(wanting, resolved, strict=True):
             if isinstance(result, Exception):
                 outcomes[i] = {"status": getattr(result, "status_code", 502), "body": {"detail": str(result)}}
@@ -171,24 +183,34 @@ class Deployment:
             yield encode_event({"type": "error", "done": True, "error": "refused", **refused[0]})
             return
         request = batch[0]
-        started = False
+        name, sent, outcome = self.config.name, 0, "cancelled"  # until the stream says otherwise
         try:
             events = iterate_in_thread(lambda cancel: self.backend.stream(request, cancel))
             async with aclosing(events):
                 async for event in events:
-                    started = True
                     if isinstance(event, ResultEvent):
                         event.response.metadata.update(metadata[0])
-                        yield encode_event(event)
-                        return
+                        outcome = "result"
+                    sent += 1
+                    metrics.STREAM_EVENTS.labels(name, event.type).inc()
                     yield encode_event(event)
+                    if outcome == "result":
+                        return
             raise RuntimeError("the backend ended the stream without a result")
         except Exception as exc:
-            if started:
-                logger.exception("stream %s failed after it began", request.request_id)
+            if sent:
+                outcome = "error"
+                logger.exception("%s stream request_id=%s failed after it began", name, request.request_id)
+                metrics.STREAM_ERRORS.labels(name).inc()
+                metrics.STREAM_EVENTS.labels(name, "error").inc()
                 yield encode_event(error_event(exc))
             else:
+                outcome = "refused"
                 yield encode_event({**error_event(exc).model_dump(), **failure(exc)})
+        finally:
+            if outcome == "cancelled":
+                metrics.STREAMS_CANCELLED.labels(name).inc()
+            logger.info("%s stream request_id=%s events=%d outcome=%s", name, request.request_id, sent, outcome)
 
 
 def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:

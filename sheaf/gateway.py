@@ -5,6 +5,8 @@ For each deployment the gateway holds a `bentoml.depends` proxy and serves
 - `POST /{name}/predict`: one request, forwarded to the deployment's batchable
   `predict_batch` (concurrent calls are merged into batches there);
 - `POST /{name}/stream`: the deployment's SSE frames, relayed whole as they arrive;
+- `POST /{name}/batch`: a list of requests the caller batched itself, answered with one
+  `{"status", "body"}` outcome per request, in order;
 - `GET /{name}/health` and `GET /{name}/ready`: probes (BentoML APIs are POST only, so
   these live in a small mounted app).
 
@@ -62,7 +64,7 @@ def serve_contract(gateway: bentoml.Service[Any]) -> None:
     limits = {
         f"/{name}/{route}": int(service.inner.deployment_config.max_body_mb * 1024 * 1024)
         for name, service in deployments.items()
-        for route in ("predict", "stream")
+        for route in ("predict", "stream", "batch")
     }
     gateway.add_asgi_middleware(BodySizeLimit, limits=limits)
 
@@ -87,9 +89,21 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
         async for chunk in _relay(frames, ctx):
             yield chunk
 
+    limit = deployment.inner.deployment_config.batching.max_batch_size
+
+    @typed(requests=list[request_model])  # type: ignore[valid-type]
+    async def batch(self: Any, requests: list[BaseRequest[Any]], /) -> Any:
+        if len(requests) > limit:
+            problem = f"at most {limit} requests per call (this deployment's max_batch_size), got {len(requests)}"
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": problem, "type": "too_long"}]}, status_code=422)
+        if not requests:
+            return []
+        return await getattr(self, name).to_async.predict_batch([r.model_dump(mode="json") for r in requests])
+
     return {
         f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
         f"{name}_stream": _api(f"{name}_stream", f"/{name}/stream", stream),
+        f"{name}_batch": _api(f"{name}_batch", f"/{name}/batch", batch),
     }
 
 
@@ -284,6 +298,15 @@ def _validation_detail(body: bytes) -> Any:
     if not isinstance(payload, dict) or not isinstance(payload.get("detail"), list):
         return payload.get("error", payload) if isinstance(payload, dict) else payload
     return [
-        {"loc": ["body", *error.get("loc", [])], "msg": error.get("msg", ""), "type": error.get("type", "")}
+        {
+            "loc": ["body", *_without_root(error.get("loc", []))],
+            "msg": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
         for error in payload["detail"]
     ]
+
+
+def _without_root(loc: list[Any]) -> list[Any]:
+    """BentoML wraps a list body in a model whose one field is `root`; the caller never saw it."""
+    return loc[1:] if loc[:1] == ["root"] else loc

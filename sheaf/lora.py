@@ -13,9 +13,12 @@ most `max_skips` times, so no selection starves.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from sheaf import metrics
 
 Selection = tuple[tuple[str, float], ...]
 """Adapter names with their weights, sorted by name; `()` means LoRA off."""
@@ -34,8 +37,9 @@ class _Ticket:
 
 
 class AdapterLock:
-    def __init__(self, apply: Callable[[Selection], None], *, max_skips: int = 4) -> None:
+    def __init__(self, apply: Callable[[Selection], None], *, max_skips: int = 4, deployment: str = "") -> None:
         self._apply = apply
+        self._deployment = deployment  # labels its metrics
         self._max_skips = max_skips
         self._condition = threading.Condition()
         self._queue: list[_Ticket] = []
@@ -48,6 +52,7 @@ class AdapterLock:
     def hold(self, selection: Selection, cancel: threading.Event | None = None) -> Iterator[None]:
         """Wait for the turn, make `selection` the active one, and keep it until the block exits."""
         ticket = _Ticket(selection)
+        queued = time.perf_counter()
         with self._condition:
             self._queue.append(ticket)
             self._hand_over()
@@ -56,12 +61,14 @@ class AdapterLock:
                     self._queue.remove(ticket)
                     raise LockWaitCancelled("cancelled while waiting for the adapter lock")
                 self._condition.wait(_CANCEL_POLL_S if cancel is not None else None)
+        metrics.ADAPTER_LOCK_WAIT.labels(self._deployment).observe(time.perf_counter() - queued)
         try:
             if selection != self.active:
                 self.active = None  # unknown until apply has succeeded
                 self._apply(selection)
                 self.active = selection
                 self.swaps += 1
+                metrics.ADAPTER_SWAPS.labels(self._deployment).inc()
             yield
         finally:
             with self._condition:

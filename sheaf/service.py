@@ -11,6 +11,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import bentoml
+from pydantic import BaseModel
 
 from sheaf.api.base import BaseRequest
 from sheaf.config import config_dir, load_config
@@ -21,22 +22,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def deployment_service(
-    config_name: str, *, request_model: type[BaseRequest[Any]], backend: str
+    config_name: str,
+    *,
+    request_model: type[BaseRequest[Any]],
+    backend: str,
+    options: type[BaseModel] | None = None,
 ) -> bentoml.Service[Any] | None:
     """The BentoML service for `<config dir>/<config_name>.yaml`, or None when that file is absent.
 
-    `backend` is an import string (`module:Class`); it is imported only inside the worker
-    process, so that importing the service module stays cheap (no torch).
+    The config, `options` included, is validated here, at start-up (`ConfigError`). `backend`
+    is an import string (`module:Class`), imported only inside the worker process, so that
+    importing the service module stays cheap (no torch).
     """
     path = config_dir() / f"{config_name}.yaml"
     if not path.exists():
         return None
-    config = load_config(path)
+    config = load_config(path, options)
     request_model_ = request_model
 
     class Service:
         request_model = request_model_
         deployment_config = config
+        config_path = path
 
         def __init__(self) -> None:
             show_sheaf_logs()
@@ -64,7 +71,10 @@ def deployment_service(
             return self.deployment.ready()
 
     Service.__name__ = Service.__qualname__ = f"{config.name.title()}Service"
-    return bentoml.service(name=config.name, traffic={"timeout": config.timeout_s})(Service)
+    resources = config.resources.model_dump(exclude_none=True)
+    return bentoml.service(
+        name=config.name, workers=config.workers, resources=resources, traffic={"timeout": config.timeout_s}
+    )(Service)
 
 
 def typed(**annotations: Any) -> Callable[[F], F]:

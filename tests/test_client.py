@@ -111,3 +111,20 @@ def test_bentoml_generated_clients_call_predict_and_stream(server: Server) -> No
     async_answer, async_events = asyncio.run(run())
     assert async_answer["text"] == answer["text"]
     assert [{**e, "metadata": None} for e in async_events] == [{**e, "metadata": None} for e in events]
+
+
+def test_batch_gives_each_request_its_response_or_its_own_error(server: Server) -> None:
+    requests = [request(request_id="b-0"), request(request_id="b-1", max_new_tokens=31000), request(request_id="b-2")]
+    with SheafClient(server.url) as client:
+        first, refused, last = client.batch("textgen", requests)
+        alone = client.predict("textgen", requests[0])
+    assert isinstance(first, TextGenerationResponse) and first.text == alone.text
+    assert isinstance(refused, ClientError) and refused.status_code == 422
+    assert isinstance(last, TextGenerationResponse) and last.request_id == "b-2"
+
+    async def run() -> list[Any]:
+        async with AsyncSheafClient(server.url) as client:
+            return await client.batch("textgen", requests)
+
+    kinds = [type(answer) for answer in asyncio.run(run())]
+    assert kinds == [TextGenerationResponse, ClientError, TextGenerationResponse]

@@ -177,3 +177,25 @@ def test_a_dropped_stream_stops_generation_and_frees_the_server(server: Server) 
         time.sleep(0.1)
     assert int(match.group(1)) < 30000
     assert predict(server, PROMPT).status_code == 200
+
+
+def test_batch_answers_each_request_in_order_with_its_own_outcome(server: Server) -> None:
+    bodies = [{**PROMPT, "request_id": f"list-{i}", "temperature": 0} for i in range(3)]
+    bodies[1] = {**bodies[1], "max_new_tokens": 31000}  # over this deployment's limit: refused alone
+    response = httpx.post(f"{server.url}/textgen/batch", json=bodies, timeout=60)
+    assert response.status_code == 200, response.text
+    outcomes = response.json()
+    assert [outcome["status"] for outcome in outcomes] == [200, 422, 200]
+    assert [outcomes[i]["body"]["request_id"] for i in (0, 2)] == ["list-0", "list-2"]
+    assert "max_new_tokens" in json.dumps(outcomes[1]["body"]["detail"])
+    assert outcomes[0]["body"]["text"] == predict(server, bodies[0]).json()["text"]
+
+
+def test_batch_refuses_more_than_max_batch_size_and_bad_items(server: Server) -> None:
+    too_many = httpx.post(f"{server.url}/textgen/batch", json=[PROMPT] * 17, timeout=30)
+    assert too_many.status_code == 422
+    assert "at most 16 requests" in too_many.json()["detail"][0]["msg"]
+    bad_item = httpx.post(f"{server.url}/textgen/batch", json=[PROMPT, {**PROMPT, "temperature": -1}], timeout=30)
+    assert bad_item.status_code == 422
+    assert bad_item.json()["detail"][0]["loc"][:2] == ["body", 1]
+    assert httpx.post(f"{server.url}/textgen/batch", json=[], timeout=30).json() == []

@@ -38,7 +38,6 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
@@ -46,6 +45,7 @@ from sheaf.backends.base import Backend, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, ModelSource, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
+from sheaf.options import FluxOptions
 
 logger = logging.getLogger("sheaf.backends.flux")
 
@@ -56,51 +56,6 @@ _diffusers: Any = diffusers
 # How long closing a stream waits for its pipeline thread, which stops within one step.
 _JOIN_TIMEOUT_S = 60.0
 _SEED_BITS = 63
-
-
-class AdapterSpec(BaseModel):
-    """One LoRA adapter of a deployment, loaded once at start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # peft keeps adapters in module dicts, whose keys may not contain dots.
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="What requests call it in `adapters`.")
-    source: ModelSource
-    weight: float = Field(1.0, description="Its weight when a request gives none.")
-
-
-class FluxOptions(BaseModel):
-    """`options:` of a FLUX deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    adapters: list[AdapterSpec] = []
-    default_adapters: list[str] = Field([], description="Applied when a request's `adapters` is null.")
-    max_pixels: int = Field(1024 * 1024, ge=64, description="Requests with more pixels (height x width) get 422.")
-    preview_max_side: int = Field(128, ge=8, description="Longest side of a stream's preview images.")
-    max_sequence_length: int = Field(
-        512, ge=16, le=512, description="T5 prompt tokens; FLUX.1-schnell was trained with 256."
-    )
-    batch_invariant: bool = Field(
-        True,
-        description="Multiply one sample at a time so a seed's image never depends on its batch; "
-        "false trades that for batch throughput (about 25% here on CPU).",
-    )
-
-    @model_validator(mode="after")
-    def _defaults_are_configured(self) -> FluxOptions:
-        names = [adapter.name for adapter in self.adapters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter names must be unique, got: {', '.join(names)}")
-        unknown = [name for name in self.default_adapters if name not in names]
-        if unknown:
-            raise ValueError(
-                f"default_adapters names {', '.join(unknown)}, not among the configured adapters "
-                f"({', '.join(names) or 'none'})"
-            )
-        if len(set(self.default_adapters)) != len(self.default_adapters):
-            raise ValueError("default_adapters must not name an adapter twice")
-        return self
 
 
 @dataclass(frozen=True)
@@ -180,7 +135,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             # After the adapters: their LoRA layers hold linear layers too, and must be covered.
             _per_sample_linears(pipe.transformer)
         self._pipe = pipe
-        self._adapters = AdapterLock(self._apply_selection)
+        self._adapters = AdapterLock(self._apply_selection, deployment=self.config.name)
         logger.info(
             "loaded %s from %s with %d adapter(s) on %s in %.1f s",
             self.config.name,

@@ -37,37 +37,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import TimesFmModelForPrediction
 
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
 from sheaf.backends.base import Backend, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, weights_location
 from sheaf.exceptions import InvalidRequest
+from sheaf.options import ForecastOptions
 
 logger = logging.getLogger("sheaf.backends.forecast")
 
 # TimesFM's frequency indicator, as its `freq_map` assigns it to pandas frequency strings.
 FREQUENCY_BUCKETS: dict[str, int] = {"1min": 0, "5min": 0, "15min": 0, "1h": 0, "1d": 0, "1W": 1, "1M": 1}
-
-
-class ForecastOptions(BaseModel):
-    """`options:` of a forecasting deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_horizon: int = Field(
-        1024,
-        ge=1,
-        description="Requests asking for more steps get 422. Beyond the model's own `horizon_length`, "
-        "each further `horizon_length` steps cost one more batched model call.",
-    )
-    max_history: int = Field(
-        16384,
-        ge=1,
-        description="Requests with a longer `history` get 422. The model reads only the last "
-        "`context_length` values of any history.",
-    )
 
 
 class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):

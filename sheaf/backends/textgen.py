@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import jinja2
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -40,6 +39,7 @@ from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
 from sheaf.backends.base import Backend, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location, write_once
 from sheaf.exceptions import InvalidRequest
+from sheaf.options import TextGenerationOptions
 
 logger = logging.getLogger("sheaf.backends.textgen")
 
@@ -47,14 +47,6 @@ logger = logging.getLogger("sheaf.backends.textgen")
 _JOIN_TIMEOUT_S = 30.0
 
 FinishReason = Literal["stop", "length", "cancelled"]
-
-
-class TextGenerationOptions(BaseModel):
-    """`options:` of a text generation deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens_limit: int = Field(1024, ge=1, description="Requests asking for more new tokens get 422.")
 
 
 class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationResponse]):

@@ -38,13 +38,13 @@ from av.container import InputContainer
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper import transcribe as fw
 from faster_whisper.vad import VadOptions, get_speech_timestamps
-from pydantic import BaseModel, ConfigDict, Field
 
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
 from sheaf.backends.base import Backend, elapsed_ms
 from sheaf.config import DeploymentConfig, find_in_package, weights_location
 from sheaf.exceptions import InvalidRequest
+from sheaf.options import WhisperOptions
 
 logger = logging.getLogger("sheaf.backends.whisper")
 
@@ -65,19 +65,6 @@ BATCHED_BY_DEFAULT = True
 clips, 8 interleaved runs per figure, two sessions, median wall time: 4 clips 1.45 s batched vs
 1.89 s sequential, 8 clips 2.8 s vs 3.75 s (about 23 % less time, 18 % less CPU). While other jobs
 loaded the machine the gain shrank to about 10 %; with all 8 pieces in one call it was smaller."""
-
-
-class WhisperOptions(BaseModel):
-    """`options:` of a speech-to-text deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_audio_seconds: float = Field(1800, gt=0, description="Longer clips get 422.")
-    compute_type: str = Field("int8", description="CTranslate2 compute type: int8, float16, default ...")
-    cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads on CPU; 0 lets it choose.")
-    batched: bool | None = Field(
-        None, description="Decode a batch in one BatchedInferencePipeline call; null takes the measured default."
-    )
 
 
 @dataclass
