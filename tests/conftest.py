@@ -44,21 +44,31 @@ class Server:
 
 
 def serve(
-    config_dir: Path, log: Path, env: dict[str, str] | None = None, ready: tuple[str, ...] = ("textgen",)
+    config_dir: Path | None,
+    log: Path,
+    env: dict[str, str] | None = None,
+    ready: tuple[str, ...] = ("textgen",),
+    *,
+    target: str = "bentos.gateway:Sheaf",
+    cwd: Path = ROOT,
 ) -> Iterator[Server]:
-    """Run `bentoml serve` on the entry service until every deployment in `ready` answers ready."""
+    """Run `bentoml serve` on `target` until every deployment in `ready` answers ready.
+
+    `config_dir` None serves the default config set. BentoML's home goes beside the log,
+    unless `env` names one.
+    """
     port = free_port()
     environ = {
-        **os.environ,
-        "SHEAF_CONFIG_DIR": str(config_dir),
-        "BENTOML_HOME": str(config_dir / "bentoml-home"),
+        **{key: value for key, value in os.environ.items() if not key.startswith("SHEAF_CONFIG")},
+        "BENTOML_HOME": str(log.parent / "bentoml-home"),
         "HF_HUB_OFFLINE": "1",
+        **({"SHEAF_CONFIG_DIR": str(config_dir)} if config_dir else {}),
         **(env or {}),
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [BENTOML, "serve", "bentos.gateway:Sheaf", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
             env=environ,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -159,3 +169,50 @@ def speak(text: str, dest: Path) -> bytes:
     """WAV bytes of `text` spoken by Debian's espeak-ng."""
     subprocess.run(["espeak-ng", "-w", str(dest), text], check=True, capture_output=True)
     return dest.read_bytes()
+
+
+@dataclass
+class Bento:
+    home: Path  # the BENTOML_HOME it was built into
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        name, version = self.tag.split(":")
+        return self.home / "bentos" / name / version
+
+
+def build_bento(home: Path, bentofile: str = "bentofile.yaml") -> Bento:
+    """`bentoml build` of this repo into `home`, as `make bento` does (offline)."""
+    from sheaf.features import create_demo_repo
+
+    create_demo_repo(ROOT / ".feast-demo")
+    done = subprocess.run(
+        [BENTOML, "build", "-f", bentofile, "--output", "tag"],
+        cwd=ROOT,
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Bento(home, done.stdout.strip().splitlines()[-1].removeprefix("__tag__:"))
+
+
+@pytest.fixture(scope="session")
+def bento(tmp_path_factory: pytest.TempPathFactory) -> Bento:
+    return build_bento(tmp_path_factory.mktemp("bentoml-home"))
+
+
+@pytest.fixture(scope="session")
+def bento_server(bento: Bento, smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The built bento with its default config set (real SmolLM2), served by tag from a folder outside the repo."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    env = {"BENTOML_HOME": str(bento.home), "SHEAF_CACHE_DIR": str(smollm2_cache)}
+    yield from serve(
+        None,
+        elsewhere / "server.log",
+        env=env,
+        ready=("textgen", "flux", "whisper", "forecast"),
+        target=bento.tag,
+        cwd=elsewhere,
+    )

@@ -1,11 +1,10 @@
-"""The README's examples, run against `make serve`'s own configs (real SmolLM2 weights)."""
+"""The README's examples, run against the default configs (real SmolLM2 weights) in the built bento."""
 
 import base64
 import json
 import re
 import shlex
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +12,15 @@ import httpx
 import pytest
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import ROOT, Server, serve
+from tests.conftest import ROOT, Server
 
 README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> Iterator[Server]:
-    from sheaf.features import create_demo_repo
-
-    create_demo_repo(ROOT / ".feast-demo")  # as `make serve` does
-    home = tmp_path_factory.mktemp("default-serve")
-    env = {"SHEAF_CACHE_DIR": str(smollm2_cache)}
-    yield from serve(ROOT / "configs", home / "server.log", env=env, ready=("textgen", "flux", "whisper", "forecast"))
+def default_server(bento_server: Server) -> Server:
+    """`make serve`'s own configs, served from the bento built from this repo."""
+    return bento_server
 
 
 def blocks(language: str) -> list[str]:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from sheaf.api.base import BaseRequest, BaseResponse
+from sheaf.api.base import BaseRequest, BaseResponse, WireModel
 
 
-class Word(BaseModel):
+class Word(WireModel):
     word: str
     start: float
     end: float
     probability: float
 
 
-class Segment(BaseModel):
+class Segment(WireModel):
     id: int
     start: float = Field(description="Seconds from the start of the audio.")
     end: float

@@ -12,10 +12,27 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-class BaseResponse(BaseModel):
-    """Every response has these fields; `metadata` holds timings, batch size, cache hits."""
+def _null_first(schema: dict[str, Any]) -> None:
+    """List `null` first in the schema of a field that is a list, a mapping or a model, or null.
 
-    model_config = ConfigDict(protected_namespaces=())
+    BentoML keeps only the first entry of a field's `anyOf` for its generated client, which
+    then fails on a `null` where it expects a list or an object, sending or receiving. With
+    `null` first, that client passes the value through as it is.
+    """
+    for field in schema.get("properties", {}).values():
+        options = field.get("anyOf", [])
+        if {"type": "null"} in options and (options[0].get("type") in ("array", "object") or "$ref" in options[0]):
+            field["anyOf"] = [{"type": "null"}, *(option for option in options if option != {"type": "null"})]
+
+
+class WireModel(BaseModel):
+    """A model that goes over the wire: its schema suits BentoML's generated client."""
+
+    model_config = ConfigDict(protected_namespaces=(), json_schema_extra=_null_first)
+
+
+class BaseResponse(WireModel):
+    """Every response has these fields; `metadata` holds timings, batch size, cache hits."""
 
     request_id: str
     model_type: str
@@ -26,10 +43,10 @@ class BaseResponse(BaseModel):
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
 
 
-class BaseRequest(BaseModel, Generic[ResponseT]):
+class BaseRequest(WireModel, Generic[ResponseT]):
     """A request to one deployment, typed by the response it gets. Unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore")
 
     response_model: ClassVar[type[BaseResponse]]
 

@@ -1,0 +1,89 @@
+"""sheaf's own series on the entry service's `/metrics`, recorded inside each deployment's worker."""
+
+import asyncio
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Server
+
+TEXT = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 6}
+LONG = {**TEXT, "max_new_tokens": 20000}
+IMAGE = {"model_type": "diffusion", "prompt": "a fox", "height": 64, "width": 64, "num_inference_steps": 2}
+FEATURE = {
+    "model_type": "time_series",
+    "horizon": 4,
+    "feature_ref": {
+        "feature_view": "series_history",
+        "feature_name": "values",
+        "entity_key": "series_id",
+        "entity_value": "traffic",
+    },
+}
+
+
+def samples(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("sheaf_")
+    }
+
+
+def value(series: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return series.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_streams_batches_adapters_and_lookups_are_counted(server: Server) -> None:
+    before = samples(server)
+
+    with httpx.stream("POST", f"{server.url}/textgen/stream", json=TEXT, timeout=60) as response:
+        tokens = sum(chunk.count('"type": "token"') for chunk in response.iter_text())
+    with httpx.stream("POST", f"{server.url}/textgen/stream", json=LONG, timeout=60) as response:
+        next(response.iter_raw())  # one event, then the client leaves
+    for adapters in (["a"], ["b"]):
+        httpx.post(f"{server.url}/flux/stream", json={**IMAGE, "adapters": adapters}, timeout=60).raise_for_status()
+    httpx.post(f"{server.url}/forecast/predict", json=FEATURE, timeout=60).raise_for_status()
+
+    async def four_at_once() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=TEXT) for _ in range(4)))
+
+    asyncio.run(four_at_once())
+    time.sleep(1.0)  # the cancelled stream is counted when its worker notices the client left
+    after = samples(server)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("sheaf_stream_events_total", deployment="textgen", type="token") >= tokens + 1
+    assert grew("sheaf_stream_events_total", deployment="textgen", type="result") >= 1
+    assert grew("sheaf_streams_cancelled_total", deployment="textgen") >= 1
+    assert grew("sheaf_stream_events_total", deployment="flux", type="progress") >= 4
+    assert grew("sheaf_adapter_swaps_total", deployment="flux") >= 1
+    assert grew("sheaf_adapter_lock_wait_seconds_count", deployment="flux") >= 2
+    assert grew("sheaf_feature_lookup_seconds_count", deployment="forecast") >= 1
+    assert grew("sheaf_batch_size_count", deployment="textgen") >= 1
+    assert grew("sheaf_batch_size_sum", deployment="textgen") >= 4
+
+
+def test_an_error_after_the_stream_began_is_counted(server: Server) -> None:
+    before = value(samples(server), "sheaf_stream_errors_after_start_total", deployment="textgen")
+    with httpx.stream(
+        "POST", f"{server.url}/textgen/stream", json={**TEXT, "model_name": "fail-mid-stream"}, timeout=60
+    ) as response:
+        response.read()
+    after = value(samples(server), "sheaf_stream_errors_after_start_total", deployment="textgen")
+    assert after == before + 1
+
+
+def test_logs_carry_the_request_id(server: Server) -> None:
+    httpx.post(f"{server.url}/textgen/predict", json={**TEXT, "request_id": "logged-predict"}, timeout=60)
+    httpx.post(f"{server.url}/textgen/stream", json={**TEXT, "request_id": "logged-stream"}, timeout=60)
+    time.sleep(0.5)
+    log = server.log_text()
+    assert "textgen predict request_id=logged-predict status=200" in log
+    assert "textgen stream request_id=logged-stream events=" in log
