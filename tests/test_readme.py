@@ -2,17 +2,20 @@
 
 import base64
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, speak
 
 README = (ROOT / "README.md").read_text()
 
@@ -94,3 +97,24 @@ def test_the_python_examples_run(default_server: Server, capsys: pytest.CaptureF
     printed = capsys.readouterr().out
     assert "Paris" in printed
     assert "tokens" in printed
+
+
+def test_the_command_line_examples_run(default_server: Server, tmp_path: Path) -> None:
+    block = next(block for block in blocks("bash") if block.startswith("sheaf "))
+    speak("Please send me the report by tomorrow morning.", tmp_path / "meeting.wav")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SHEAF_URL": default_server.url,
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "8/8" in done.stderr  # the progress bar reached the last step
+    with Image.open(tmp_path / "fox.png") as image:
+        assert image.size == (256, 256)
+    assert "tomorrow morning" in (tmp_path / "meeting.txt").read_text().lower()
+    forecast = json.loads(done.stdout[done.stdout.index("{") :])
+    assert len(forecast["mean"]) == 4
