@@ -23,8 +23,10 @@ class FaultInjectingTextGeneration(TextGenerationBackend):
                 raise InjectedFault("injected after two events")
             yield event
 
-    def predict_batch(self, requests: Sequence[TextGenerationRequest]) -> list[TextGenerationResponse | Exception]:
-        outcomes = super().predict_batch(requests)
+    def predict_batch(
+        self, requests: Sequence[TextGenerationRequest], cancel: threading.Event | None = None
+    ) -> list[TextGenerationResponse | Exception]:
+        outcomes = super().predict_batch(requests, cancel)
         return [
             InjectedFault("injected for this request") if request.model_name == "fail-in-batch" else outcome
             for request, outcome in zip(requests, outcomes, strict=True)

@@ -3,8 +3,10 @@
 A backend overrides three hooks:
 
 - `load()` reads the weights, once, before the first request.
-- `predict_batch(requests)` answers a whole batch in one model call and returns one
-  outcome per request, in order: its response, or the exception that request alone hit.
+- `predict_batch(requests, cancel)` answers a whole batch in one model call and returns
+  one outcome per request, in order: its response, or the exception that request alone
+  hit. Once `cancel` is set (every caller of the batch is gone or past its deadline) it
+  should stop soon, raising `Cancelled`.
 - `stream(request, cancel)` (optional) yields events as the model produces them and
   ends with a `ResultEvent`. It must return soon after `cancel` is set. The default
   yields a single `ResultEvent` built from `predict_batch`.
@@ -27,6 +29,11 @@ from sheaf.config import DeploymentConfig
 if TYPE_CHECKING:
     import torch
 
+
+class Cancelled(Exception):
+    """The work stopped because `cancel` was set: its callers are gone or past their deadline."""
+
+
 RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
 
@@ -47,10 +54,12 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
     def load(self) -> None: ...
 
     @abstractmethod
-    def predict_batch(self, requests: Sequence[RequestT]) -> list[ResponseT | Exception]: ...
+    def predict_batch(
+        self, requests: Sequence[RequestT], cancel: threading.Event | None = None
+    ) -> list[ResponseT | Exception]: ...
 
     def stream(self, request: RequestT, cancel: threading.Event) -> Iterator[StreamEvent]:
-        (outcome,) = self.predict_batch([request])
+        (outcome,) = self.predict_batch([request], cancel)
         if isinstance(outcome, Exception):
             raise outcome
         yield ResultEvent(response=outcome)

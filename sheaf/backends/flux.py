@@ -175,7 +175,9 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             weights = list(request.adapter_weights)
         return tuple(sorted(zip(names, weights, strict=True)))
 
-    def predict_batch(self, requests: Sequence[DiffusionRequest]) -> list[DiffusionResponse | Exception]:
+    def predict_batch(
+        self, requests: Sequence[DiffusionRequest], cancel: threading.Event | None = None
+    ) -> list[DiffusionResponse | Exception]:
         outcomes: dict[int, DiffusionResponse | Exception] = {}
         groups: dict[_GroupKey, list[tuple[int, _Job]]] = {}
         for index, request in enumerate(requests):

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -90,7 +91,9 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(self, requests: Sequence[ForecastRequest]) -> list[ForecastResponse | Exception]:
+    def predict_batch(
+        self, requests: Sequence[ForecastRequest], cancel: threading.Event | None = None
+    ) -> list[ForecastResponse | Exception]:
         prepared = [self._prepare(request) for request in requests]
         rows = [item for item in prepared if isinstance(item, _Forecast)]
         failure: Exception | None = None

@@ -118,7 +118,9 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(self, requests: Sequence[TextGenerationRequest]) -> list[TextGenerationResponse | Exception]:
+    def predict_batch(
+        self, requests: Sequence[TextGenerationRequest], cancel: threading.Event | None = None
+    ) -> list[TextGenerationResponse | Exception]:
         prepared = [self._prepare(request) for request in requests]
         rows = [item for item in prepared if isinstance(item, _Decoding)]
         failure: Exception | None = None

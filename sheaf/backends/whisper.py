@@ -156,7 +156,9 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(self, requests: Sequence[TranscriptionRequest]) -> list[TranscriptionResponse | Exception]:
+    def predict_batch(
+        self, requests: Sequence[TranscriptionRequest], cancel: threading.Event | None = None
+    ) -> list[TranscriptionResponse | Exception]:
         prepared = [self._prepare(request) for request in requests]
         clips = [item for item in prepared if isinstance(item, _Clip)]
         started = time.perf_counter()
