@@ -13,6 +13,7 @@ import bentoml
 import bentos
 from sheaf.config import ConfigError, config_dir
 from sheaf.gateway import gateway_routes, serve_contract
+from sheaf.service import TIMEOUT_MARGIN_S
 
 
 def _deployments() -> list[bentoml.Service[Any]]:
@@ -38,8 +39,15 @@ def _deployments() -> list[bentoml.Service[Any]]:
     return services
 
 
-@bentoml.service(name="sheaf")
-class Sheaf(gateway_routes(*_deployments())):  # type: ignore[misc]
+DEPLOYMENTS = _deployments()
+
+
+# BentoML's timeout only bounds the time to a stream's first byte; sheaf's own deadlines come first.
+@bentoml.service(
+    name="sheaf",
+    traffic={"timeout": max(d.inner.deployment_config.timeout_s for d in DEPLOYMENTS) + TIMEOUT_MARGIN_S},
+)
+class Sheaf(gateway_routes(*DEPLOYMENTS)):  # type: ignore[misc]
     """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready for each deployment."""
 
 

@@ -13,10 +13,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+_NOT_KEYED = {"request_id", "timeout_s"}  # fields that do not change the answer
+
 
 def cache_key(request: dict[str, Any]) -> str:
     """The request as canonical JSON, without the fields that differ between identical requests."""
-    return json.dumps({k: v for k, v in request.items() if k != "request_id"}, sort_keys=True, separators=(",", ":"))
+    return json.dumps({k: v for k, v in request.items() if k not in _NOT_KEYED}, sort_keys=True, separators=(",", ":"))
 
 
 class PredictCache:

@@ -56,6 +56,14 @@ class Batching(_Strict):
     max_latency_ms: int = Field(60_000, ge=1)
 
 
+class Limits(_Strict):
+    """When the deployment is full: past a limit a request gets 503 with `Retry-After`, at once."""
+
+    max_pending: int = Field(256, ge=1, description="Predict requests queued or running (batch items count).")
+    max_streams: int = Field(32, ge=1, description="Streams open at once.")
+    retry_after_s: int = Field(1, ge=0, description="The `Retry-After` of a 503.")
+
+
 class Cache(_Strict):
     """The predict cache (streams never use it)."""
 
@@ -88,7 +96,13 @@ class DeploymentConfig(_Strict):
     workers: int = Field(1, ge=1, description="Worker processes, each with its own copy of the model.")
     resources: Resources = Resources()
     batching: Batching = Batching()
-    timeout_s: float = Field(300.0, gt=0, description="Longest a request may take, end to end.")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a request may take, end to end (504); a request's own `timeout_s` is capped by it.",
+    )
+    heartbeat_s: float = Field(15.0, gt=0, description="A started stream quiet this long gets an SSE comment line.")
+    limits: Limits = Limits()
     max_body_mb: float = Field(32.0, gt=0, description="Larger request bodies get 413 before anything runs.")
     cache: Cache = Cache()
     feature_store: FeatureStore | None = None

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent
-from sheaf.backends.base import Backend
+from sheaf.backends.base import Backend, Cancelled
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
-from sheaf.streaming import encode_event, error_event, iterate_in_thread
+from sheaf.streaming import HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
 
 if TYPE_CHECKING:
     from sheaf.features import FeatureStoreResolver
@@ -47,6 +47,8 @@ Outcome = dict[str, Any]
 def failure(exc: BaseException) -> Outcome:
     if isinstance(exc, InvalidRequest):
         return {"status": exc.status_code, "body": {"detail": exc.detail()}}
+    if isinstance(exc, Cancelled):
+        return {"status": 504, "body": {"detail": f"stopped at the deadline: {exc}"}}
     return {"status": 500, "body": {"detail": f"{type(exc).__name__}: {exc}"}}
 
 
@@ -119,11 +121,18 @@ class Deployment:
         return answered
 
     async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
+        cancel = threading.Event()
+        budget = max(min(r.timeout_s or self.config.timeout_s, self.config.timeout_s) for r in requests)
+        timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         try:
-            results = await asyncio.to_thread(self.backend.predict_batch, requests)
+            results = await asyncio.to_thread(self.backend.predict_batch, requests, cancel)
         except Exception as exc:  # the model call itself failed: every request of it gets the error
-            logger.exception("batch of %d failed on %s", len(requests), self.config.name)
+            if not isinstance(exc, Cancelled):
+                logger.exception("batch of %d failed on %s", len(requests), self.config.name)
             return [failure(exc)] * len(requests)
+        finally:
+            timer.cancel()
         if len(results) != len(requests):
             mismatch = RuntimeError(f"backend answered {len(results)} outcomes for {len(requests)} requests")
             return [failure(mismatch)] * len(requests)
@@ -184,10 +193,17 @@ class Deployment:
             return
         request = batch[0]
         name, sent, outcome = self.config.name, 0, "cancelled"  # until the stream says otherwise
+        budget = min(request.timeout_s or self.config.timeout_s, self.config.timeout_s)
         try:
-            events = iterate_in_thread(lambda cancel: self.backend.stream(request, cancel))
+            events = iterate_in_thread(
+                lambda cancel: self.backend.stream(request, cancel), idle_s=self.config.heartbeat_s, timeout_s=budget
+            )
             async with aclosing(events):
                 async for event in events:
+                    if isinstance(event, Idle):
+                        if sent:  # before the first event the answer may still become a plain HTTP error
+                            yield HEARTBEAT
+                        continue
                     if isinstance(event, ResultEvent):
                         event.response.metadata.update(metadata[0])
                         outcome = "result"
@@ -197,6 +213,14 @@ class Deployment:
                     if outcome == "result":
                         return
             raise RuntimeError("the backend ended the stream without a result")
+        except TimeoutError:  # the backend's thread was told to stop when `events` closed
+            outcome = "deadline"
+            detail = f"no result within the deadline of {budget:g} s"
+            if sent:
+                metrics.STREAM_EVENTS.labels(name, "error").inc()
+                yield encode_event({"type": "error", "done": True, "error": detail, "code": "deadline_exceeded"})
+            else:
+                yield encode_event({"type": "error", "done": True, "error": detail, **_outcome(504, detail)})
         except Exception as exc:
             if sent:
                 outcome = "error"
@@ -211,6 +235,10 @@ class Deployment:
             if outcome == "cancelled":
                 metrics.STREAMS_CANCELLED.labels(name).inc()
             logger.info("%s stream request_id=%s events=%d outcome=%s", name, request.request_id, sent, outcome)
+
+
+def _outcome(status: int, detail: str) -> Outcome:
+    return {"status": status, "body": {"detail": detail}}
 
 
 def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:

@@ -14,9 +14,11 @@ BentoML answers a body that fails validation with 400; `ValidationErrorsAs422` g
 contract's 422 `{"detail": [...]}` instead.
 """
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -29,6 +31,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sheaf.api.base import BaseRequest
+from sheaf.config import DeploymentConfig, Limits
+from sheaf.deployment import Outcome
 from sheaf.logs import show_sheaf_logs
 from sheaf.service import typed
 from sheaf.streaming import encode_event, error_event
@@ -77,19 +81,41 @@ def _api(name: str, route: str, func: Any) -> Any:
 def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
     name = deployment.name
     request_model: type[BaseRequest[Any]] = deployment.inner.request_model
+    config: DeploymentConfig = deployment.inner.deployment_config
+    gate = Gate(config.limits)
+
+    async def forward(self: Any, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
+        budget = max(timeout(config, request) for request in requests)
+        try:
+            call = getattr(self, name).to_async.predict_batch([r.model_dump(mode="json") for r in requests])
+            outcomes: list[Outcome] = await asyncio.wait_for(call, budget)
+            return outcomes
+        except TimeoutError:
+            return [_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
+        except Exception as exc:  # BentoML's own refusals (503 past max_latency_ms), or the deployment is gone
+            logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
+            status = getattr(exc, "error_code", None)
+            return [_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
 
     @typed(request=request_model, **{"return": request_model.response_model})
     async def predict(self: Any, request: BaseRequest[Any], /) -> Any:
-        (outcome,) = await getattr(self, name).to_async.predict_batch([request.model_dump(mode="json")])
-        return JSONResponse(outcome["body"], status_code=outcome["status"])
+        with gate.predicts(1) as admitted:
+            (outcome,) = await forward(self, [request]) if admitted else [gate.full("predict requests")]
+        return _response(outcome, config)
 
     @typed(request=request_model)
     async def stream(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
-        frames = _upstream_stream(deployment, request.model_dump(mode="json"))
-        async for chunk in _relay(frames, ctx):
-            yield chunk
+        with gate.stream() as admitted:
+            if not admitted:
+                full = gate.full("streams")
+                yield _http_error(ctx, full["status"], full["body"], config)
+                return
+            frames = _upstream_stream(deployment, request.model_dump(mode="json"))
+            async for chunk in _relay(frames, ctx):
+                yield chunk
 
-    limit = deployment.inner.deployment_config.batching.max_batch_size
+    limit = config.batching.max_batch_size
 
     @typed(requests=list[request_model])  # type: ignore[valid-type]
     async def batch(self: Any, requests: list[BaseRequest[Any]], /) -> Any:
@@ -98,13 +124,68 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
             return JSONResponse({"detail": [{"loc": ["body"], "msg": problem, "type": "too_long"}]}, status_code=422)
         if not requests:
             return []
-        return await getattr(self, name).to_async.predict_batch([r.model_dump(mode="json") for r in requests])
+        with gate.predicts(len(requests)) as admitted:
+            if not admitted:
+                return _response(gate.full("predict requests"), config)
+            return await forward(self, requests)
 
     return {
         f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
         f"{name}_stream": _api(f"{name}_stream", f"/{name}/stream", stream),
         f"{name}_batch": _api(f"{name}_batch", f"/{name}/batch", batch),
     }
+
+
+def timeout(config: DeploymentConfig, request: BaseRequest[Any]) -> float:
+    """A request's deadline in seconds: its own `timeout_s`, capped by its deployment's."""
+    return min(request.timeout_s or config.timeout_s, config.timeout_s)
+
+
+class Gate:
+    """Admission to one deployment: predicts pending and streams open, each under its limit.
+
+    The entry service runs in one process, so plain counters are exact; a refusal is at once.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.pending = 0
+        self.streams = 0
+
+    @contextmanager
+    def predicts(self, count: int) -> Iterator[bool]:
+        admitted = self.pending + count <= self.limits.max_pending
+        self.pending += count if admitted else 0
+        try:
+            yield admitted
+        finally:
+            self.pending -= count if admitted else 0
+
+    @contextmanager
+    def stream(self) -> Iterator[bool]:
+        admitted = self.streams < self.limits.max_streams
+        self.streams += admitted
+        try:
+            yield admitted
+        finally:
+            self.streams -= admitted
+
+    def full(self, what: str) -> Outcome:
+        limit = self.limits.max_streams if what == "streams" else self.limits.max_pending
+        return _outcome(503, f"this deployment is full ({limit} {what}); retry after {self.limits.retry_after_s} s")
+
+
+def _outcome(status: int, detail: str) -> Outcome:
+    return {"status": status, "body": {"detail": detail}}
+
+
+def _response(outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
+    return JSONResponse(outcome["body"], status_code=outcome["status"], headers=_retry_after(outcome["status"], config))
+
+
+def _retry_after(status: int, config: DeploymentConfig) -> dict[str, str]:
+    """Every 429 and 503 says when to come back."""
+    return {"retry-after": str(config.limits.retry_after_s)} if status in (429, 503) else {}
 
 
 _stream_clients: dict[str, httpx.AsyncClient] = {}
@@ -155,7 +236,11 @@ async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> Asy
             if end < 2:
                 continue
             complete, buffer = buffer[:end], buffer[end:]
-            last = json.loads(complete[complete.rfind("data: ", 0, -2) + 6 :])
+            start = complete.rfind("data: ", 0, -2)
+            if start < 0:  # heartbeats only
+                yield complete
+                continue
+            last = json.loads(complete[start + 6 : complete.index("\n\n", start)])
             if not sent_any and last["type"] == "error" and "status" in last:
                 yield _http_error(ctx, last["status"], last["body"])
                 return
@@ -176,10 +261,12 @@ async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> Asy
         )
 
 
-def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any]) -> str:
+def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any], config: DeploymentConfig | None = None) -> str:
     """Turn a stream that has sent nothing yet into a plain JSON error; returns the body to send."""
     ctx.response.status_code = status
     ctx.response.metadata["content-type"] = "application/json"
+    if config is not None:
+        ctx.response.metadata.update(_retry_after(status, config))
     return json.dumps(body)
 
 

@@ -19,6 +19,7 @@ from sheaf.deployment import Deployment, Outcome
 from sheaf.logs import show_sheaf_logs
 
 F = TypeVar("F", bound=Callable[..., Any])
+TIMEOUT_MARGIN_S = 30.0
 
 
 def deployment_service(
@@ -73,7 +74,11 @@ def deployment_service(
     Service.__name__ = Service.__qualname__ = f"{config.name.title()}Service"
     resources = config.resources.model_dump(exclude_none=True)
     return bentoml.service(
-        name=config.name, workers=config.workers, resources=resources, traffic={"timeout": config.timeout_s}
+        name=config.name,
+        workers=config.workers,
+        resources=resources,
+        # Past the deadlines that sheaf enforces itself (504), so that BentoML's never cuts in first.
+        traffic={"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
     )(Service)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -78,11 +79,26 @@ def parse_frame(frame: str) -> dict[str, Any] | None:
     return payload
 
 
-async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -> AsyncGenerator[T, None]:
+HEARTBEAT = ": heartbeat\n\n"
+"""An SSE comment line: keeps proxies from cutting a quiet stream; clients skip it."""
+
+
+class Idle:
+    """What `iterate_in_thread` yields when nothing came for `idle_s`."""
+
+
+IDLE = Idle()
+
+
+async def iterate_in_thread(
+    produce: Callable[[threading.Event], Iterator[T]], *, idle_s: float | None = None, timeout_s: float | None = None
+) -> AsyncGenerator[T | Idle, None]:
     """Run a blocking iterator in its own thread and hand each item to the event loop as it comes.
 
     `produce` receives a cancel event. When the consumer stops early (client gone,
-    CancelledError), the event is set and the iterator is closed in its thread.
+    CancelledError), the event is set and the iterator is closed in its thread. With
+    `idle_s`, `IDLE` is yielded after each `idle_s` without an item; past `timeout_s`
+    the iterator is stopped the same way and `TimeoutError` raised.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
@@ -114,8 +130,17 @@ async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -
 
     threading.Thread(target=run, name="sheaf-stream", daemon=True).start()
     try:
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
-            done, value = await queue.get()
+            wait = idle_s if deadline is None else min(idle_s or math.inf, deadline - loop.time())
+            try:
+                # wait_for only ever cancels its own queue.get(), never the consumer's task.
+                done, value = await asyncio.wait_for(queue.get(), wait)
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                yield IDLE
+                continue
             if not done:
                 yield value
             elif value is end:

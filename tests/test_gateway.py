@@ -199,3 +199,92 @@ def test_batch_refuses_more_than_max_batch_size_and_bad_items(server: Server) ->
     assert bad_item.status_code == 422
     assert bad_item.json()["detail"][0]["loc"][:2] == ["body", 1]
     assert httpx.post(f"{server.url}/textgen/batch", json=[], timeout=30).json() == []
+
+
+def test_a_hundred_concurrent_streams_complete_or_get_a_fast_503_with_retry_after(server: Server) -> None:
+    body = {**PROMPT, "max_new_tokens": 24}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float, str | None, list[dict[str, Any]]]:
+        started = time.perf_counter()
+        decoder = SSEDecoder()
+        events: list[dict[str, Any]] = []
+        async with client.stream("POST", f"{server.url}/textgen/stream", json=body) as response:
+            waited = time.perf_counter() - started
+            async for chunk in response.aiter_raw():
+                events.extend(decoder.feed(chunk) if response.status_code == 200 else [])
+            return response.status_code, waited, response.headers.get("retry-after"), events
+
+    async def hundred() -> list[tuple[int, float, str | None, list[dict[str, Any]]]]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(100)))
+
+    answers = asyncio.run(hundred())
+    statuses = [status for status, *_ in answers]
+    assert set(statuses) == {200, 503}, statuses  # the test server allows 8 streams at once
+    for status, waited, retry_after, events in answers:
+        if status == 200:
+            assert events[-1]["type"] == "result" and [e["type"] for e in events].count("result") == 1
+        else:
+            assert retry_after == "2"
+            assert waited < 5.0  # refused at once, not queued
+    assert predict(server, PROMPT).status_code == 200  # and afterwards the service answers normally
+
+
+def test_a_predict_past_its_deadline_is_504_and_its_model_work_stops(server: Server) -> None:
+    started = time.perf_counter()
+    body = {**PROMPT, "request_id": "late-predict", "max_new_tokens": 20000, "timeout_s": 1}
+    response = predict(server, body)
+    assert response.status_code == 504
+    assert "deadline of 1 s" in response.json()["detail"]
+    assert time.perf_counter() - started < 5
+    # The deployment logs the request once its batch returns: only when generation stopped.
+    deadline = time.monotonic() + 10
+    while "textgen predict request_id=late-predict status=504" not in server.log_text():
+        assert time.monotonic() < deadline, "the model went on generating past the deadline"
+        time.sleep(0.2)
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event_and_stops(server: Server) -> None:
+    started = time.perf_counter()
+    events = stream_events(server, {**PROMPT, "request_id": "late-stream", "max_new_tokens": 20000, "timeout_s": 1})
+    assert time.perf_counter() - started < 5
+    assert {event["type"] for event in events[:-1]} == {"token"}
+    assert events[-1] == {
+        "type": "error",
+        "done": True,
+        "error": "no result within the deadline of 1 s",
+        "code": "deadline_exceeded",
+    }
+    deadline = time.monotonic() + 10
+    while not (stopped := re.search(r"stream late-stream cancelled after (\d+) tokens", server.log_text())):
+        assert time.monotonic() < deadline, "the model went on generating past the deadline"
+        time.sleep(0.2)
+    assert int(stopped.group(1)) < 20000
+    assert "textgen stream request_id=late-stream events=" in server.log_text()
+
+
+def test_a_request_cannot_ask_for_more_time_than_its_deployment_gives() -> None:
+    from sheaf.api import TextGenerationRequest
+    from sheaf.config import DeploymentConfig
+    from sheaf.gateway import timeout
+
+    config = DeploymentConfig.model_validate({"name": "t", "model": {"hub": "x"}, "timeout_s": 30})
+    assert timeout(config, TextGenerationRequest(prompt="hi", timeout_s=5)) == 5
+    assert timeout(config, TextGenerationRequest(prompt="hi", timeout_s=500)) == 30
+    assert timeout(config, TextGenerationRequest(prompt="hi")) == 30
+
+
+def test_a_quiet_stream_gets_heartbeats_that_clients_skip() -> None:
+    from sheaf.streaming import HEARTBEAT
+
+    assert SSEDecoder().feed(HEARTBEAT + 'data: {"type": "token"}\n\n') == [{"type": "token"}]
+
+
+@pytest.mark.parametrize("name", ["textgen", "flux", "whisper", "forecast"])
+def test_a_64_mb_body_is_413(server: Server, name: str) -> None:
+    body = b'{"prompt": "' + b"x" * (64 * 1024 * 1024) + b'"}'
+    response = httpx.post(
+        f"{server.url}/{name}/predict", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 413

@@ -10,7 +10,7 @@ from contextlib import aclosing
 import pytest
 
 from sheaf.api import ErrorEvent, ResultEvent, TextGenerationResponse, TokenEvent
-from sheaf.streaming import SSEDecoder, encode_event, error_event, iterate_in_thread, parse_frame
+from sheaf.streaming import IDLE, Idle, SSEDecoder, encode_event, error_event, iterate_in_thread, parse_frame
 
 RESULT: ResultEvent[TextGenerationResponse] = ResultEvent(
     response=TextGenerationResponse(
@@ -69,7 +69,8 @@ def test_iterate_in_thread_hands_over_items_as_they_come() -> None:
             time.sleep(0.2)
 
     async def consume() -> list[float]:
-        return [time.monotonic() - produced async for produced in iterate_in_thread(produce)]
+        items = iterate_in_thread(produce)
+        return [time.monotonic() - produced async for produced in items if isinstance(produced, float)]
 
     delays = asyncio.run(consume())
     assert len(delays) == 3
@@ -81,7 +82,7 @@ def test_iterate_in_thread_raises_the_producers_error_after_its_items() -> None:
         yield 1
         raise KeyError("gone")
 
-    async def consume() -> list[int]:
+    async def consume() -> list[int | Idle]:
         got = []
         with pytest.raises(KeyError):
             async for item in iterate_in_thread(produce):
@@ -140,3 +141,24 @@ def test_a_cancelled_consumer_stops_the_producer() -> None:
 
     asyncio.run(cancel_soon())
     assert stopped.wait(2)
+
+
+def test_a_quiet_producer_gives_idle_beats_and_a_deadline_stops_it() -> None:
+    stopped = threading.Event()
+
+    def produce(cancel: threading.Event) -> Generator[int, None, None]:
+        yield 1
+        cancel.wait(10)  # a model step that notices cancel
+        stopped.set()
+        yield 2
+
+    async def consume() -> list[int | Idle]:
+        got: list[int | Idle] = []
+        with pytest.raises(TimeoutError):
+            async for item in iterate_in_thread(produce, idle_s=0.1, timeout_s=0.55):
+                got.append(item)
+        return got
+
+    got = asyncio.run(consume())
+    assert got[0] == 1 and set(got[1:]) == {IDLE} and 3 <= len(got[1:]) <= 5
+    assert stopped.wait(2)  # the producer was told to stop at the deadline

@@ -55,3 +55,6 @@ class BaseRequest(WireModel, Generic[ResponseT]):
     )
     model_type: str
     model_name: str = Field("", description="Free text: which model the caller meant.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Give up after this many seconds (504), at most the deployment's own timeout."
+    )
