@@ -1,9 +1,12 @@
 """The wire contract end to end: a real `bentoml serve`, the real backend on a tiny model."""
 
 import asyncio
+import base64
+import io
 import json
 import re
 import time
+import wave
 from typing import Any
 
 import httpx
@@ -288,3 +291,35 @@ def test_a_64_mb_body_is_413(server: Server, name: str) -> None:
         f"{server.url}/{name}/predict", content=body, headers={"content-type": "application/json"}, timeout=60
     )
     assert response.status_code == 413
+
+
+def silence_b64(seconds: float) -> str:
+    """A WAV of silence, 16 kHz mono."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(b"\0\0" * int(16000 * seconds))
+    return base64.b64encode(out.getvalue()).decode()
+
+
+FOX = {"model_type": "diffusion", "prompt": "a fox"}
+FIELD_LIMITS = {
+    "prompt length": ("textgen", {**PROMPT, "prompt": "the river flows " * 40000}, "prompt"),
+    "tokens": ("textgen", {**PROMPT, "max_new_tokens": 30001}, "max_new_tokens"),
+    "image size": ("flux", {**FOX, "height": 2048, "width": 2048}, "height"),
+    "steps": ("flux", {**FOX, "num_inference_steps": 201}, "num_inference_steps"),
+    "audio duration": ("whisper", {"model_type": "audio", "audio_b64": silence_b64(31)}, "audio_b64"),
+    "horizon": ("forecast", {"model_type": "time_series", "history": [1.0] * 32, "horizon": 5000}, "horizon"),
+    "history length": ("forecast", {"model_type": "time_series", "history": [1.0] * 20000, "horizon": 4}, "history"),
+}
+
+
+@pytest.mark.parametrize("route", ["predict", "stream"])
+@pytest.mark.parametrize("case", FIELD_LIMITS)
+def test_each_field_limit_is_a_422_naming_the_field(server: Server, route: str, case: str) -> None:
+    name, body, field = FIELD_LIMITS[case]
+    response = httpx.post(f"{server.url}/{name}/{route}", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"])
