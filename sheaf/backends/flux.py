@@ -41,7 +41,7 @@ from PIL import Image
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
-from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, ModelSource, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -178,6 +178,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
     def predict_batch(
         self, requests: Sequence[DiffusionRequest], cancel: threading.Event | None = None
     ) -> list[DiffusionResponse | Exception]:
+        cancel = cancel or threading.Event()  # none given: never set
         outcomes: dict[int, DiffusionResponse | Exception] = {}
         groups: dict[_GroupKey, list[tuple[int, _Job]]] = {}
         for index, request in enumerate(requests):
@@ -190,20 +191,37 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         # Groups whose selection is active go first, then the rest by selection: the fewest adapter swaps.
         active = self.adapters.active
         for key, members in sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1])):
-            results = self._run_group(key, [job for _, job in members])
+            results = self._run_group(key, [job for _, job in members], cancel)
             outcomes.update((index, result) for (index, _), result in zip(members, results, strict=True))
         return [outcomes[index] for index in range(len(requests))]
 
-    def _run_group(self, key: _GroupKey, group: list[_Job]) -> list[DiffusionResponse | Exception]:
+    def _run_group(
+        self, key: _GroupKey, group: list[_Job], cancel: threading.Event
+    ) -> list[DiffusionResponse | Exception]:
         shape, selection = key
+        steps = [0]  # denoising steps done, for the log
+
+        def on_step(index: int, latents: torch.Tensor) -> None:
+            steps[0] = index + 1
+            if cancel.is_set():
+                self.pipe._interrupt = True  # the pipeline skips every later step, and `_generate` decodes nothing
+
+        images: list[Image.Image] = []  # stays empty when cancelled
+        elapsed = 0.0
         try:
-            with self.adapters.hold(selection):
-                started = time.perf_counter()
-                images = self._generate(group, shape)
-                elapsed = elapsed_ms(started)
+            if not cancel.is_set():  # hold() looks at cancel only while it waits
+                with self.adapters.hold(selection, cancel):
+                    started = time.perf_counter()
+                    images = self._generate(group, shape, on_step)
+                    elapsed = elapsed_ms(started)
+        except LockWaitCancelled:
+            pass
         except Exception as exc:  # this group's call failed: its requests get the error, other groups still run
             logger.exception("pipeline call failed for a group of %d", len(group))
             return [exc] * len(group)
+        if not images:
+            logger.info("predict group of %d cancelled after %d of %d steps", len(group), steps[0], shape.steps)
+            raise Cancelled(f"denoising stopped after {steps[0]} of {shape.steps} steps")
         metadata = {"batch_size": len(group), "inference_ms": elapsed, "adapters": dict(selection)}
         return [self._response(job, image, dict(metadata)) for job, image in zip(group, images, strict=True)]
 

@@ -41,7 +41,7 @@ import torch
 from transformers import TimesFmModelForPrediction
 
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
-from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import ForecastOptions
@@ -94,6 +94,7 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
     def predict_batch(
         self, requests: Sequence[ForecastRequest], cancel: threading.Event | None = None
     ) -> list[ForecastResponse | Exception]:
+        cancel = cancel or threading.Event()  # none given: never set
         prepared = [self._prepare(request) for request in requests]
         rows = [item for item in prepared if isinstance(item, _Forecast)]
         failure: Exception | None = None
@@ -101,7 +102,9 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
         if rows:
             started = time.perf_counter()
             try:
-                metadata["model_calls"] = self._decode(rows)
+                metadata["model_calls"] = self._decode(rows, cancel)
+            except Cancelled:
+                raise
             except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
                 logger.exception("forecast failed for a batch of %d", len(rows))
                 failure = exc
@@ -152,7 +155,7 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
             raise InvalidRequest("history", "must hold finite numbers only (no NaN or infinity)")
         return series
 
-    def _decode(self, rows: Sequence[_Forecast]) -> int:
+    def _decode(self, rows: Sequence[_Forecast], cancel: threading.Event) -> int:
         """Forecast every row: one batched model call per round of `horizon_length` steps; returns the calls made."""
         model = self.model
         horizon_length = int(model.config.horizon_length)
@@ -160,6 +163,9 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
         calls = 0
         with torch.inference_mode():
             while pending:
+                if cancel.is_set():  # checked between rounds, one model call each
+                    logger.info("predict batch of %d cancelled after %d model calls", len(rows), calls)
+                    raise Cancelled(f"forecast stopped after {calls} model calls")
                 output = model(
                     past_values=[row.context.to(device=model.device, dtype=model.dtype) for row in pending],
                     freq=[row.bucket for row in pending],

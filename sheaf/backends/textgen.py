@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import Backend, elapsed_ms, torch_device
+from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location, write_once
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import TextGenerationOptions
@@ -121,6 +121,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
     def predict_batch(
         self, requests: Sequence[TextGenerationRequest], cancel: threading.Event | None = None
     ) -> list[TextGenerationResponse | Exception]:
+        cancel = cancel or threading.Event()  # none given: never set
         prepared = [self._prepare(request) for request in requests]
         rows = [item for item in prepared if isinstance(item, _Decoding)]
         failure: Exception | None = None
@@ -128,11 +129,15 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         if rows:
             started = time.perf_counter()
             try:
-                self._generate(rows)
+                self._generate(rows, cancel.is_set)  # `_RowStopper` ends every row within a token of cancel
             except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
                 logger.exception("generate failed for a batch of %d", len(rows))
                 failure = exc
             metadata["inference_ms"] = elapsed_ms(started)
+            if cancel.is_set():  # rows cut short have no answer; whoever cancelled answers the batch
+                tokens = max(len(row.tokens) for row in rows)
+                logger.info("predict batch of %d cancelled after %d tokens", len(rows), tokens)
+                raise Cancelled(f"generation stopped after {tokens} tokens")
         return [self._outcome(item, failure, metadata) for item in prepared]
 
     def _outcome(

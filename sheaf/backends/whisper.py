@@ -14,6 +14,9 @@ Two ways to run a batch, chosen by the `batched` option:
 
 `stream` always decodes sequentially, since that is what yields segments window by window; so a
 clip's streamed segments can differ a little from its predicted ones under the batched default.
+
+Cancelling: CTranslate2 cannot stop a call once begun, so work stops at the next boundary: the next
+30 s window when sequential (stream or predict), the next pipeline call (a few pieces) when batched.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
-from sheaf.backends.base import Backend, elapsed_ms
+from sheaf.backends.base import Backend, Cancelled, elapsed_ms
 from sheaf.config import DeploymentConfig, find_in_package, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import WhisperOptions
@@ -159,15 +162,20 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
     def predict_batch(
         self, requests: Sequence[TranscriptionRequest], cancel: threading.Event | None = None
     ) -> list[TranscriptionResponse | Exception]:
+        cancel = cancel or threading.Event()  # none given: never set
         prepared = [self._prepare(request) for request in requests]
         clips = [item for item in prepared if isinstance(item, _Clip)]
         started = time.perf_counter()
-        if not clips:
-            results: list[_Transcript | Exception] = []
-        elif self._batched:
-            results = self._transcribe_batched(clips)
-        else:
-            results = [self._transcribe_one(clip) for clip in clips]
+        try:
+            if not clips:
+                results: list[_Transcript | Exception] = []
+            elif self._batched:
+                results = self._transcribe_batched(clips, cancel)
+            else:
+                results = [self._transcribe_one(clip, cancel) for clip in clips]
+        except Cancelled as exc:
+            logger.info("predict batch of %d cancelled: %s", len(clips), exc)
+            raise
         metadata = {"batch_size": len(clips), "inference_ms": elapsed_ms(started), "batched": self._batched}
         outcomes = iter(results)
         return [
@@ -245,23 +253,31 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             raise InvalidRequest("task", "this deployment's model is English-only and cannot translate")
         return "en"
 
-    def _transcribe_one(self, clip: _Clip) -> _Transcript | Exception:
+    def _transcribe_one(self, clip: _Clip, cancel: threading.Event) -> _Transcript | Exception:
         request = clip.request
+        _stop_if(cancel, "before a clip")
         try:
             segments, info = self.model.transcribe(clip.audio, **_decoding_arguments(request, self._language(request)))
-            return _Transcript([_segment(raw) for raw in segments], info.language, float(info.language_probability))
+            decoded: list[Segment] = []
+            for raw in segments:  # lazy: each 30 s window decodes when its first segment is pulled
+                decoded.append(_segment(raw))
+                _stop_if(cancel, f"after {len(decoded)} segments of a clip")  # before pulling another window
+            return _Transcript(decoded, info.language, float(info.language_probability))
+        except Cancelled:
+            raise
         except Exception as exc:  # this clip's failure alone
             logger.exception("transcription failed for request %s", request.request_id)
             return exc
 
     # -- batched -----------------------------------------------------------------------------
 
-    def _transcribe_batched(self, clips: Sequence[_Clip]) -> list[_Transcript | Exception]:
+    def _transcribe_batched(self, clips: Sequence[_Clip], cancel: threading.Event) -> list[_Transcript | Exception]:
         """One pipeline call per group of clips that decode with the same settings."""
         languages: dict[int, tuple[str, float]] = {}
         segments: dict[int, list[Segment] | Exception] = {}
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, clip in enumerate(clips):
+            _stop_if(cancel, "before language detection")
             try:
                 languages[index] = self._resolved_language(clip)
             except Exception as exc:  # this clip's failure alone
@@ -272,7 +288,9 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         for members in groups.values():
             try:
                 language = languages[members[0]][0]
-                segments.update(self._decode_group(language, [clips[i] for i in members], members))
+                segments.update(self._decode_group(language, [clips[i] for i in members], members, cancel))
+            except Cancelled:
+                raise
             except Exception as exc:  # the model call failed for every clip in it
                 logger.exception("batched transcription failed for %d clips", len(members))
                 segments.update(dict.fromkeys(members, exc))
@@ -290,12 +308,16 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         detected, probability, _ = self.model.detect_language(audio=clip.audio, vad_filter=clip.request.vad_filter)
         return detected, float(probability)
 
-    def _decode_group(self, language: str, clips: Sequence[_Clip], indices: Sequence[int]) -> dict[int, list[Segment]]:
+    def _decode_group(
+        self, language: str, clips: Sequence[_Clip], indices: Sequence[int], cancel: threading.Event
+    ) -> dict[int, list[Segment]]:
         """Every piece of these clips, a few at a time (memory stays bounded whatever the clips' length)."""
         request = clips[0].request  # every clip in a group decodes the same way
         pieces = [piece for clip, index in zip(clips, indices, strict=True) for piece in _pieces(clip, index)]
         found: dict[int, list[Segment]] = {index: [] for index in indices}
         for first in range(0, len(pieces), self._pieces_per_call):
+            # A pipeline call cannot be stopped once begun (CTranslate2 decodes its pieces in one go): check between.
+            _stop_if(cancel, f"after {first} of {len(pieces)} pieces")
             for piece, segments in self._decode_pieces(
                 language, request, pieces[first : first + self._pieces_per_call]
             ):
@@ -567,6 +589,12 @@ def _segment(raw: fw.Segment) -> Segment:
         no_speech_prob=float(raw.no_speech_prob),
         words=words,
     )
+
+
+def _stop_if(cancel: threading.Event, where: str) -> None:
+    """Raise Cancelled once `cancel` is set; called where decoding can stop (between windows or pipeline calls)."""
+    if cancel.is_set():
+        raise Cancelled(f"transcription stopped {where}")
 
 
 def _device(setting: Literal["cpu", "cuda", "auto"]) -> Literal["cpu", "cuda"]:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent
+from sheaf.backends.base import Cancelled
 from sheaf.backends.flux import FluxBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
@@ -396,6 +398,46 @@ def test_cancel_while_waiting_for_the_lock_ends_the_stream(
         assert not consumer.is_alive()
     assert received == []
     assert f"stream {req.request_id} cancelled after 0 steps" in caplog.messages
+    assert_lock_free(backend)
+
+
+def test_cancel_stops_a_batched_predict_within_one_step(backend: FluxBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = pixels(predict(backend, request(seed=1)))
+    # Two groups of 200 steps (the second with other adapters): cancelled in the first, the second never runs.
+    batch = [request(num_inference_steps=200, seed=s, adapters=adapters) for s in (1, 2) for adapters in ([], ["a"])]
+    third = threading.Event()
+
+    def slow(call: int, kwargs: Any) -> None:  # 10 ms a step: the batch would take over 4 s
+        time.sleep(0.01)
+        if call == 3:
+            third.set()
+
+    calls = count_denoising_steps(monkeypatch, backend, slow)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(backend.predict_batch, batch, cancel)
+        assert third.wait(60)
+        cancel.set()
+        at_cancel, cancelled_at = calls[0], time.perf_counter()
+        with pytest.raises(Cancelled, match="stopped after"):
+            outcome.result(60)
+        waited = time.perf_counter() - cancelled_at
+    assert calls[0] <= at_cancel + 1  # the step running at the cancel may finish; no other starts
+    assert waited < 1.0
+    monkeypatch.undo()
+    assert_lock_free(backend)
+    assert pixels(predict(backend, request(seed=1))) == expected
+
+
+def test_cancel_while_waiting_for_the_lock_ends_the_predict(backend: FluxBackend) -> None:
+    cancel = threading.Event()
+    with backend.adapters.hold(()), ThreadPoolExecutor(1) as pool:  # someone else's run holds the pipeline
+        outcome = pool.submit(backend.predict_batch, [request()], cancel)
+        while backend.adapters.waiting == 0:  # until the predict queues for its turn
+            time.sleep(0.005)
+        cancel.set()
+        with pytest.raises(Cancelled):
+            outcome.result(60)  # a guard against a hang: the predict leaves the queue at once
     assert_lock_free(backend)
 
 

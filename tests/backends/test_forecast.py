@@ -2,8 +2,10 @@
 
 import math
 import threading
+import time
 import typing
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 
 from sheaf.api.events import ResultEvent
 from sheaf.api.forecast import FeatureRef, ForecastRequest, ForecastResponse, Frequency
+from sheaf.backends.base import Cancelled
 from sheaf.backends.forecast import FREQUENCY_BUCKETS, ForecastBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
@@ -337,6 +340,40 @@ def test_a_failed_model_call_fails_its_rows_and_leaves_invalid_ones_their_own_er
     monkeypatch.setattr(backend.model, "forward", broken)
     outcomes = backend.predict_batch([request(), request(horizon=MAX_HORIZON + 1), request()])
     assert [type(outcome) for outcome in outcomes] == [RuntimeError, InvalidRequest, RuntimeError]
+
+
+def test_cancel_stops_a_long_horizon_between_rounds(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DeploymentConfig(name="forecast", model=ModelSource(path=str(tiny_model)), options={"max_horizon": 10_000})
+    backend = ForecastBackend(config)
+    backend.load()
+    batch = [request(horizon=10_000), request(history=wave(60, phase=1), horizon=10_000)]  # 625 rounds each
+    short = request(horizon=40)
+    expected = predict(backend, short)
+    forward = backend.model.forward
+    calls = [0]
+    third = threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # 10 ms a round: the batch would take over 6 s
+        calls[0] += 1
+        time.sleep(0.01)
+        if calls[0] == 3:
+            third.set()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", slow)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(backend.predict_batch, batch, cancel)
+        assert third.wait(60)
+        cancel.set()
+        at_cancel, cancelled_at = calls[0], time.perf_counter()
+        with pytest.raises(Cancelled, match="stopped after"):
+            outcome.result(60)
+        waited = time.perf_counter() - cancelled_at
+    assert calls[0] <= at_cancel + 1  # the round running at the cancel may finish; no other starts
+    assert waited < 1.0
+    monkeypatch.undo()
+    assert_same_forecast(predict(backend, short), expected)
 
 
 # -- streaming -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 from sheaf.backends import textgen
+from sheaf.backends.base import Cancelled
 from sheaf.backends.textgen import TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
@@ -230,6 +232,34 @@ def test_closing_a_stream_early_ends_its_generation(
     settled = calls[0]
     time.sleep(0.1)
     assert calls[0] == settled < 10
+
+
+def test_cancel_stops_a_batched_predict_within_a_token(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [request(max_new_tokens=LIMIT), request(prompt="A", max_new_tokens=LIMIT, temperature=1.0, seed=3)]
+    expected = [essentials(predict(backend, req)) for req in batch]
+    fifth = threading.Event()
+
+    def slow(call: int) -> None:  # 20 ms a token: the whole batch would take over 5 s
+        time.sleep(0.02)
+        if call == 5:
+            fifth.set()
+
+    calls = wrap_forward(monkeypatch, backend, slow)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(backend.predict_batch, batch, cancel)
+        assert fifth.wait(60)
+        cancel.set()
+        at_cancel, cancelled_at = calls[0], time.perf_counter()
+        with pytest.raises(Cancelled, match="stopped after"):
+            outcome.result(60)
+        waited = time.perf_counter() - cancelled_at
+    assert calls[0] <= at_cancel + 1  # the forward pass running at the cancel may finish; no other starts
+    assert waited < 1.0
+    monkeypatch.undo()
+    assert [essentials(predict(backend, req)) for req in batch] == expected  # and the next batch runs as ever
 
 
 def test_a_failure_inside_generate_comes_out_of_the_stream(

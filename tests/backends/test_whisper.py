@@ -9,8 +9,10 @@ import random
 import re
 import subprocess
 import threading
+import time
 import wave
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent
 from sheaf.backends import whisper
+from sheaf.backends.base import Cancelled
 from sheaf.backends.whisper import WhisperBackend, decode_request_audio
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
@@ -116,6 +119,14 @@ def with_silence(wav: bytes, seconds: float) -> bytes:
         rate = clip.getframerate()
         samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype=np.int16)
     return pcm_wav(np.concatenate([samples, np.zeros(int(seconds * rate), dtype=np.int16)]), rate)
+
+
+def repeated(wav: bytes, times: int) -> bytes:
+    """The clip `times` over, back to back."""
+    with wave.open(io.BytesIO(wav)) as clip:
+        rate = clip.getframerate()
+        samples = np.frombuffer(clip.readframes(clip.getnframes()), dtype=np.int16)
+    return pcm_wav(np.tile(samples, times), rate)
 
 
 def wav_seconds(wav: bytes) -> float:
@@ -436,6 +447,60 @@ def test_cancelling_stops_the_stream_at_the_next_segment(
     assert log == ["decoded"]  # the second window was never decoded
     expected = f"stream {req.request_id} cancelled after 1 segments"
     assert [r.getMessage() for r in caplog.records if r.name == "sheaf.backends.whisper"] == [expected]
+
+
+def cancel_after_first(
+    monkeypatch: pytest.MonkeyPatch, backend: WhisperBackend, target: Any, name: str, batch: list[TranscriptionRequest]
+) -> tuple[list[int], float]:
+    """Run `predict_batch` in a thread and cancel it once `target.name` (a decoding step) has run once, holding
+    that step until the cancel is set; returns the steps run and the seconds from the cancel to `Cancelled`.
+    Undoes `monkeypatch` on the way out."""
+    step = getattr(target, name)
+    calls = [0]
+    cancel, first_done = threading.Event(), threading.Event()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        calls[0] += 1
+        first_done.set()
+        cancel.wait(60)  # the cancel lands while the first step is still running
+        return result
+
+    monkeypatch.setattr(target, name, counted)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(backend.predict_batch, batch, cancel)
+        assert first_done.wait(120)
+        cancel.set()
+        cancelled_at = time.perf_counter()
+        with pytest.raises(Cancelled, match="transcription stopped"):
+            outcome.result(120)
+        waited = time.perf_counter() - cancelled_at
+    monkeypatch.undo()
+    return calls, waited
+
+
+def test_cancel_stops_a_sequential_predict_at_the_next_window(
+    sequential: WhisperBackend, long_clip: bytes, sentences: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = repeated(long_clip, 4)  # 2.5 minutes: 6 windows or so, each a second or more
+    batch = [request(clip, beam_size=1), request(sentences[0][1])]
+    windows, waited = cancel_after_first(monkeypatch, sequential, sequential.model, "generate_with_fallback", batch)
+    assert windows == [1]  # no window after the one running at the cancel, nor the second clip's
+    assert waited < 2.0
+    text, wav = sentences[1]
+    assert word_error_rate(text, predict(sequential, request(wav)).text) <= MAX_WER  # and it serves as ever
+
+
+def test_cancel_stops_a_batched_predict_at_the_next_pipeline_call(
+    batched: WhisperBackend, long_clip: bytes, sentences: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = repeated(long_clip, 4)  # 6 pieces of up to 30 s: two pipeline calls of up to 4 pieces on the CPU
+    batch = [request(clip, beam_size=1), request(sentences[0][1], beam_size=1)]
+    calls, waited = cancel_after_first(monkeypatch, batched, batched, "_decode_pieces", batch)
+    assert calls == [1]
+    assert waited < 2.0
+    text, wav = sentences[1]
+    assert word_error_rate(text, predict(batched, request(wav)).text) <= MAX_WER
 
 
 def test_word_timestamps_lie_inside_their_segment(backend: WhisperBackend, sentences: list[tuple[str, bytes]]) -> None:

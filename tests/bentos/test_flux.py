@@ -133,6 +133,26 @@ def test_unknown_adapters_and_mismatched_weights_are_422_before_any_event(server
             assert field in response.text
 
 
+def test_a_request_that_fails_or_is_refused_late_fails_alone_in_its_batch(server: Server) -> None:
+    bodies = [{**BASE, "seed": 30 + i, "request_id": f"iso-flux-{i}"} for i in range(7)]
+    bodies[2]["model_name"] = "fail-in-batch"  # the model runs it with the rest, then it fails
+    bodies[3]["adapters"] = ["nope"]  # valid JSON; only the backend knows which adapters it has
+    bodies[5] |= {"height": 2048, "width": 2048}  # within the contract, over the deployment's max_pixels
+    mates = [0, 1, 4, 6]
+    alone = {i: predict(server, bodies[i]).json()["image_b64"] for i in mates}
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/flux/predict", json=b) for b in bodies))
+
+    responses = asyncio.run(all_at_once())
+    assert [r.status_code for r in responses] == [200, 200, 500, 422, 200, 422, 200]
+    assert responses[2].json() == {"detail": "InjectedFault: injected for this request"}
+    assert [responses[i].json()["detail"][0]["loc"] for i in (3, 5)] == [["body", "adapters"], ["body", "height"]]
+    assert {i: responses[i].json()["image_b64"] for i in mates} == alone  # the same images as alone
+    assert max(responses[i].json()["metadata"]["batch_size"] for i in mates) > 1
+
+
 def test_a_dropped_stream_stops_denoising_and_the_queued_request_runs(server: Server) -> None:
     queued: list[httpx.Response] = []
     body = {**BASE, "num_inference_steps": 200, "seed": 5, "request_id": "dropped-flux"}
@@ -152,6 +172,7 @@ def test_a_dropped_stream_stops_denoising_and_the_queued_request_runs(server: Se
         assert time.monotonic() < deadline, "the pipeline never stopped"
         time.sleep(0.1)
     assert int(match.group(1)) < 200
+    assert re.search(r"flux stream request_id=dropped-flux events=\d+ outcome=cancelled", server.log_text())
 
 
 def test_a_failure_after_the_first_event_ends_the_stream_with_an_error_event(server: Server) -> None:

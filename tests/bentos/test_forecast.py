@@ -93,6 +93,27 @@ def test_mixed_horizons_share_one_batch_and_match_their_answers_alone(server: Se
         assert answer["mean"] == pytest.approx(mean, rel=1e-5)
 
 
+def test_a_request_that_fails_or_is_refused_late_fails_alone_in_its_batch(server: Server) -> None:
+    bodies = [{**BASE, "history": demo_series("sales")[: 40 + 9 * i], "model_name": "isolation"} for i in range(6)]
+    bodies[1]["model_name"] = "fail-in-batch"  # forecast with the rest, then it fails
+    bodies[4]["horizon"] = 2000  # within the contract, over the deployment's max_horizon
+    mates = [0, 2, 3, 5]
+    # Alone under another model_name, so that the batch below is not answered from the cache.
+    alone = {i: predict(server, {**bodies[i], "model_name": "alone"}).json()["mean"] for i in mates}
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/forecast/predict", json=b) for b in bodies))
+
+    responses = asyncio.run(all_at_once())
+    assert [r.status_code for r in responses] == [200, 500, 200, 200, 422, 200]
+    assert responses[1].json() == {"detail": "InjectedFault: injected for this request"}
+    assert responses[4].json()["detail"][0]["loc"] == ["body", "horizon"]
+    for i in mates:
+        assert responses[i].json()["mean"] == pytest.approx(alone[i], rel=1e-5)
+    assert max(responses[i].json()["metadata"]["batch_size"] for i in mates) > 1
+
+
 def test_quantiles_when_asked(server: Server) -> None:
     answer = predict(server, {"history": demo_series("sales"), "output_mode": "quantiles"}).json()
     assert set(answer["quantiles"]) == {"0.1", "0.5", "0.9"}

