@@ -124,6 +124,7 @@ model: {{path: "{tiny_lm}"}}
 batching: {{max_batch_size: 16, max_latency_ms: 60000}}
 max_body_mb: 1
 limits: {{max_streams: 8, retry_after_s: 2}}
+heartbeat_s: 0.3
 options: {{max_new_tokens_limit: 30000}}
 """
     )

@@ -1,7 +1,8 @@
 """Fault injection for end-to-end tests: the real backends, plus a failure on cue.
 
 A request whose `model_name` is `fail-mid-stream` raises after its second event;
-`fail-in-batch` fails alone inside its batch. Every other request runs the real backend.
+`fail-in-batch` fails alone inside its batch; `slow-stream` waits a second before each
+event after the first. Every other request runs the real backend.
 """
 
 import threading
@@ -27,6 +28,8 @@ class InjectsFaults(Backend[Any, Any]):
         for index, event in enumerate(super().stream(request, cancel)):
             if request.model_name == "fail-mid-stream" and index == 2:
                 raise InjectedFault("injected after two events")
+            if request.model_name == "slow-stream" and index > 0:
+                cancel.wait(1.0)
             yield event
 
     def predict_batch(

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sheaf import ResultEvent, SheafClient, TextGenerationRequest
 from sheaf.streaming import SSEDecoder
 from tests.conftest import Server
 
@@ -278,10 +279,17 @@ def test_a_request_cannot_ask_for_more_time_than_its_deployment_gives() -> None:
     assert timeout(config, TextGenerationRequest(prompt="hi")) == 30
 
 
-def test_a_quiet_stream_gets_heartbeats_that_clients_skip() -> None:
-    from sheaf.streaming import HEARTBEAT
-
-    assert SSEDecoder().feed(HEARTBEAT + 'data: {"type": "token"}\n\n') == [{"type": "token"}]
+def test_a_quiet_started_stream_gets_heartbeats_that_clients_skip(server: Server) -> None:
+    body = {**PROMPT, "model_name": "slow-stream", "max_new_tokens": 3}  # a second between events
+    with httpx.stream("POST", f"{server.url}/textgen/stream", json=body, timeout=60) as response:
+        wire = response.read().decode()
+    frames = wire.split("\n\n")[:-1]
+    assert frames[0].startswith("data: ")  # nothing before the first event: it may still be an HTTP error
+    assert frames.count(": heartbeat") >= 4  # the test server beats every 0.3 s
+    assert SSEDecoder().feed(wire)[-1]["type"] == "result"
+    with SheafClient(server.url) as client:
+        events = list(client.stream("textgen", TextGenerationRequest(**body)))
+    assert isinstance(events[-1], ResultEvent)
 
 
 @pytest.mark.parametrize("name", ["textgen", "flux", "whisper", "forecast"])
@@ -308,6 +316,7 @@ FOX = {"model_type": "diffusion", "prompt": "a fox"}
 FIELD_LIMITS = {
     "prompt length": ("textgen", {**PROMPT, "prompt": "the river flows " * 40000}, "prompt"),
     "tokens": ("textgen", {**PROMPT, "max_new_tokens": 30001}, "max_new_tokens"),
+    "diffusion prompt length": ("flux", {**FOX, "prompt": "a red fox " * 400}, "prompt"),
     "image size": ("flux", {**FOX, "height": 2048, "width": 2048}, "height"),
     "steps": ("flux", {**FOX, "num_inference_steps": 201}, "num_inference_steps"),
     "audio duration": ("whisper", {"model_type": "audio", "audio_b64": silence_b64(31)}, "audio_b64"),

@@ -292,6 +292,12 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
                 f"{request.width}x{request.height} is {pixels} pixels; this deployment's limit is "
                 f"{self._options.max_pixels}",
             )
+        limit = self._options.max_sequence_length
+        for field in ("prompt", "negative_prompt"):
+            # T5 would silently drop what is past the limit: say so instead of drawing half a prompt.
+            tokens = len(self.pipe.tokenizer_2(getattr(request, field), truncation=False)["input_ids"])
+            if tokens > limit:
+                raise InvalidRequest(field, f"is {tokens} tokens; this deployment reads at most {limit}")
         seed = request.seed if request.seed is not None else secrets.randbits(_SEED_BITS)
         return _Job(request, self.selection(request), seed)
 
