@@ -123,7 +123,7 @@ backend: tests.faults:FaultInjectingTextGeneration
 model: {{path: "{tiny_lm}"}}
 batching: {{max_batch_size: 16, max_latency_ms: 60000}}
 max_body_mb: 1
-limits: {{max_streams: 8, retry_after_s: 2}}
+limits: {{max_pending: 24, max_streams: 8, retry_after_s: 2}}
 heartbeat_s: 0.3
 options: {{max_new_tokens_limit: 30000}}
 """

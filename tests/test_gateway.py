@@ -235,6 +235,25 @@ def test_a_hundred_concurrent_streams_complete_or_get_a_fast_503_with_retry_afte
     assert predict(server, PROMPT).status_code == 200  # and afterwards the service answers normally
 
 
+def test_predicts_past_max_pending_get_a_fast_503_with_retry_after(server: Server) -> None:
+    body = {**PROMPT, "max_new_tokens": 400}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float, str | None]:
+        started = time.perf_counter()
+        response = await client.post(f"{server.url}/textgen/predict", json=body)
+        return response.status_code, time.perf_counter() - started, response.headers.get("retry-after")
+
+    async def forty() -> list[tuple[int, float, str | None]]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=40)) as client:
+            return await asyncio.gather(*(one(client) for _ in range(40)))
+
+    answers = asyncio.run(forty())
+    assert {status for status, *_ in answers} == {200, 503}  # the test server allows 24 pending
+    refused = [(waited, retry_after) for status, waited, retry_after in answers if status == 503]
+    assert all(retry_after == "2" and waited < 5.0 for waited, retry_after in refused)
+    assert predict(server, PROMPT).status_code == 200
+
+
 def test_a_predict_past_its_deadline_is_504_and_its_model_work_stops(server: Server) -> None:
     started = time.perf_counter()
     body = {**PROMPT, "request_id": "late-predict", "max_new_tokens": 20000, "timeout_s": 1}
