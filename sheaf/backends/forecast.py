@@ -52,6 +52,15 @@ logger = logging.getLogger("sheaf.backends.forecast")
 FREQUENCY_BUCKETS: dict[str, int] = {"1min": 0, "5min": 0, "15min": 0, "1h": 0, "1d": 0, "1W": 1, "1M": 1}
 
 
+MAX_ABS_VALUE = 1e30
+
+
+def _finite(response: ForecastResponse) -> bool:
+    values = [*response.mean, *(v for vs in (response.quantiles or {}).values() for v in vs)]
+    values += [v for path in response.samples or [] for v in path]
+    return all(math.isfinite(value) for value in values)
+
+
 class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
     request_model = ForecastRequest
     options_model = ForecastOptions
@@ -119,10 +128,13 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
         if failure is not None:
             return failure
         try:
-            return self._response(item, {**metadata, "history_used": item.history_used})
+            response = self._response(item, {**metadata, "history_used": item.history_used})
         except Exception as exc:  # one row's post-processing must not fail the rows beside it
             logger.exception("forecast post-processing failed for %s", item.request.request_id)
             return exc
+        if not _finite(response):  # JSON has no NaN: say why here rather than fail to encode the answer
+            return InvalidRequest("history", "gives a forecast that is not finite (values too large or too spread)")
+        return response
 
     def _prepare(self, request: ForecastRequest) -> _Forecast | Exception:
         try:
@@ -151,8 +163,9 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
             series = request.series()
         except IndexError:  # a history filled in after validation (by the service) was never checked against it
             raise InvalidRequest("target_index", "is outside the rows of `history`") from None
-        if not all(math.isfinite(value) for value in series):
-            raise InvalidRequest("history", "must hold finite numbers only (no NaN or infinity)")
+        if not all(math.isfinite(value) and abs(value) <= MAX_ABS_VALUE for value in series):
+            # Larger values overflow the model's float32 scaling and come back as NaN.
+            raise InvalidRequest("history", f"must hold finite numbers within ±{MAX_ABS_VALUE:g}")
         return series
 
     def _decode(self, rows: Sequence[_Forecast], cancel: threading.Event) -> int:

@@ -320,15 +320,26 @@ def test_invalid_requests_fail_alone(backend: ForecastBackend) -> None:
         "feature_ref": unresolved,
     }
     not_finite = request(history=[1.0, math.nan, 2.0])
-    batch = [good[0], *bad.values(), not_finite, good[1]]
+    too_large = request(history=[1e178, -7e98, 2e16] * 4)  # overflows float32 inside the model
+    batch = [good[0], *bad.values(), not_finite, too_large, good[1]]
     outcomes = backend.predict_batch(batch)
-    for outcome, field in zip(outcomes[1:-1], [*bad, "history"], strict=True):
+    for outcome, field in zip(outcomes[1:-1], [*bad, "history", "history"], strict=True):
         assert isinstance(outcome, InvalidRequest) and outcome.field == field, outcome
     assert "above this deployment's limit of 64" in str(outcomes[1])
     assert "at most 512" in str(outcomes[2])
     for outcome, req in zip([outcomes[0], outcomes[-1]], good, strict=True):
         assert isinstance(outcome, ForecastResponse) and outcome.metadata["batch_size"] == 2
         assert_same_forecast(outcome, predict(backend, req))
+
+
+def test_values_that_overflow_the_model_inside_the_limit_are_refused_not_answered_with_nan(
+    backend: ForecastBackend,
+) -> None:
+    huge, fine = request(history=[1e20, -1e20, 3e19] * 8, horizon=8), request(history=wave(30), horizon=8)
+    refused, answered = backend.predict_batch([huge, fine])
+    assert isinstance(refused, InvalidRequest) and refused.field == "history"
+    assert "not finite" in str(refused)
+    assert isinstance(answered, ForecastResponse) and all(math.isfinite(v) for v in answered.mean)
 
 
 def test_a_failed_model_call_fails_its_rows_and_leaves_invalid_ones_their_own_error(
