@@ -175,7 +175,11 @@ class Deployment:
             resolved = await asyncio.to_thread(self.features.resolve, refs)
         for i, result in zip(wanting, resolved, strict=True):
             if isinstance(result, Exception):
-                outcomes[i] = {"status": getattr(result, "status_code", 502), "body": {"detail": str(result)}}
+                status = getattr(result, "status_code", 502)
+                detail: Any = str(result)
+                if status == 422:  # the caller's reference is at fault: name the field, as validation errors do
+                    detail = [{"loc": ["body", "feature_ref"], "msg": detail, "type": "value_error"}]
+                outcomes[i] = {"status": status, "body": {"detail": detail}}
             else:
                 batch[i] = batch[i].model_copy(update={"history": result.values, "feature_ref": None})
                 metadata[i].update(result.metadata())

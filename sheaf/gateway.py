@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import bentoml
 import httpx
+import pydantic_core
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -70,7 +71,7 @@ def serve_contract(gateway: bentoml.Service[Any]) -> None:
         for name, service in deployments.items()
         for route in ("predict", "stream", "batch")
     }
-    gateway.add_asgi_middleware(BodySizeLimit, limits=limits)
+    gateway.add_asgi_middleware(RequestBodies, limits=limits)
 
 
 def _api(name: str, route: str, func: Any) -> Any:
@@ -87,16 +88,23 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
     async def forward(self: Any, requests: list[BaseRequest[Any]]) -> list[Outcome]:
         """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
         budget = max(timeout(config, request) for request in requests)
-        try:
-            call = getattr(self, name).to_async.predict_batch([r.model_dump(mode="json") for r in requests])
-            outcomes: list[Outcome] = await asyncio.wait_for(call, budget)
-            return outcomes
-        except TimeoutError:
-            return [_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
-        except Exception as exc:  # BentoML's own refusals (503 past max_latency_ms), or the deployment is gone
-            logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
-            status = getattr(exc, "error_code", None)
-            return [_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
+        bodies = [request.model_dump(mode="json") for request in requests]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        for attempt in (1, 2):
+            try:
+                call = getattr(self, name).to_async.predict_batch(bodies)
+                outcomes: list[Outcome] = await asyncio.wait_for(call, deadline - loop.time())
+                return outcomes
+            except TimeoutError:
+                return [_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
+            except Exception as exc:  # BentoML's own refusals (503 past max_latency_ms), or a broken connection
+                status = getattr(exc, "error_code", None)
+                logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
+                if status is None and attempt == 1:
+                    continue  # a pooled connection to the deployment broke; predicts are safe to send again
+                return [_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
+        raise AssertionError("unreachable")
 
     @typed(request=request_model, **{"return": request_model.response_model})
     async def predict(self: Any, request: BaseRequest[Any], /) -> Any:
@@ -288,8 +296,15 @@ def _probes(names: list[str]) -> Starlette:
     return Starlette(routes=routes)
 
 
-class BodySizeLimit:
-    """413 for a body over its deployment's `max_body_mb`, decided before BentoML reads it."""
+class RequestBodies:
+    """What reaches a deployment's routes is JSON within its `max_body_mb`.
+
+    - 413 for a body over the limit, declared or chunked, before anything reads it;
+    - any content type is read as JSON (BentoML would otherwise try multipart forms and fail
+      with 500);
+    - a `/batch` body that is not JSON is a 422 here: BentoML parses list bodies with
+      `json.loads` and answers its errors (bad bytes, deep nesting, huge numbers) with 500.
+    """
 
     def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
         self.app = app
@@ -300,14 +315,11 @@ class BodySizeLimit:
         if limit is None:
             await self.app(scope, receive, send)
             return
+        too_large = {"detail": f"request body is larger than this deployment's limit of {limit} bytes"}
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > limit:
-                await _too_large(send, limit)
-                return
-            await self.app(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _answer(send, 413, too_large)
             return
-        # No declared length (chunked): read up to the limit here, then hand the body on whole.
         body = b""
         while True:
             message = await receive()
@@ -315,10 +327,19 @@ class BodySizeLimit:
                 return
             body += message.get("body", b"")
             if len(body) > limit:
-                await _too_large(send, limit)
+                await _answer(send, 413, too_large)
                 return
             if not message.get("more_body"):
                 break
+        if scope["path"].endswith("/batch"):
+            try:
+                pydantic_core.from_json(body)
+            except ValueError as exc:
+                detail = [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
+                await _answer(send, 422, {"detail": detail})
+                return
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         replayed = False
 
         async def replay() -> Message:
@@ -328,19 +349,14 @@ class BodySizeLimit:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        await self.app({**scope, "headers": headers}, replay, send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    content = json.dumps({"detail": f"request body is larger than this deployment's limit of {limit} bytes"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": content.encode()})
+async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
+    content = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 class ValidationErrorsAs422:

@@ -67,7 +67,11 @@ def test_lookup_errors_come_before_any_event(
     for response in (predict(server, {"feature_ref": feature_ref}), stream(server, {"feature_ref": feature_ref})):
         assert response.status_code == status, response.text
         assert response.headers["content-type"].startswith("application/json")
-        assert named in response.json()["detail"]
+        detail = response.json()["detail"]
+        if status == 422:  # the caller's reference is at fault: the error names the field
+            assert detail[0]["loc"] == ["body", "feature_ref"]
+            detail = detail[0]["msg"]
+        assert named in detail
 
 
 def test_history_and_feature_ref_together_are_refused(server: Server) -> None:
