@@ -120,7 +120,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
                 yield _http_error(ctx, full["status"], full["body"], config)
                 return
             frames = _upstream_stream(deployment, request.model_dump(mode="json"))
-            async for chunk in _relay(frames, ctx):
+            async for chunk in _relay(frames, ctx, config):
                 yield chunk
 
     limit = config.batching.max_batch_size
@@ -229,7 +229,9 @@ async def _upstream_stream(deployment: bentoml.Service[Any], request: dict[str, 
             yield text
 
 
-async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+async def _relay(
+    frames: AsyncGenerator[str, None], ctx: bentoml.Context, config: DeploymentConfig
+) -> AsyncGenerator[str, None]:
     """Forward a deployment's SSE frames whole, as they arrive.
 
     Before anything is sent, an error frame carrying `status` becomes a plain HTTP error.
@@ -250,14 +252,14 @@ async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> Asy
                 continue
             last = json.loads(complete[start + 6 : complete.index("\n\n", start)])
             if not sent_any and last["type"] == "error" and "status" in last:
-                yield _http_error(ctx, last["status"], last["body"])
+                yield _http_error(ctx, last["status"], last["body"], config)
                 return
             sent_any, finished = True, last["done"]
             yield complete
     except Exception as exc:
         logger.exception("relaying a stream failed")
         if not sent_any:
-            yield _http_error(ctx, 502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"})
+            yield _http_error(ctx, 502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"}, config)
             return
         yield encode_event(error_event(exc, code="upstream_error"))
         return
@@ -269,12 +271,11 @@ async def _relay(frames: AsyncGenerator[str, None], ctx: bentoml.Context) -> Asy
         )
 
 
-def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any], config: DeploymentConfig | None = None) -> str:
+def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any], config: DeploymentConfig) -> str:
     """Turn a stream that has sent nothing yet into a plain JSON error; returns the body to send."""
     ctx.response.status_code = status
     ctx.response.metadata["content-type"] = "application/json"
-    if config is not None:
-        ctx.response.metadata.update(_retry_after(status, config))
+    ctx.response.metadata.update(_retry_after(status, config))
     return json.dumps(body)
 
 
