@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps serve bento test lint format clean
+.PHONY: install system-deps serve bento bench test lint format clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ serve: install
 bento: install
 	$(BIN)/python -m sheaf.features .feast-demo
 	$(BIN)/bentoml build
+
+# Overhead and batching gain on tiny models; writes bench/results/<date>.md (not part of `make test`).
+bench: install system-deps
+	$(BIN)/python -m bench.run
 
 lint: install
 	$(BIN)/ruff check .

@@ -52,7 +52,7 @@ class Batching(_Strict):
     `max_latency_ms` is a budget, not a window: a request whose queue wait plus the expected
     batch time passes it is refused with 503, so keep it above the slowest full batch."""
 
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
     max_latency_ms: int = Field(60_000, ge=1)
 
 

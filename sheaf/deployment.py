@@ -52,7 +52,8 @@ def failure(exc: BaseException) -> Outcome:
     return {"status": 500, "body": {"detail": f"{type(exc).__name__}: {exc}"}}
 
 
-def _import(path: str) -> Any:
+def import_string(path: str) -> Any:
+    """The object `module:name` names."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -60,7 +61,7 @@ def _import(path: str) -> Any:
 class Deployment:
     def __init__(self, config: DeploymentConfig, backend: str) -> None:
         self.config = config
-        self.backend: Backend[Any, Any] = _import(config.backend or backend)(config)
+        self.backend: Backend[Any, Any] = import_string(config.backend or backend)(config)
         self.features: FeatureStoreResolver | None = None
         self.cache = PredictCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled else None
         self.loaded = threading.Event()

@@ -40,6 +40,9 @@ def deployment_service(
         return None
     config = load_config(path, options)
     request_model_ = request_model
+    # BentoML refuses a batchable API with max_batch_size 1: that setting means batching off.
+    size, latency = config.batching.max_batch_size, config.batching.max_latency_ms
+    batching = {"batchable": True, "max_batch_size": size, "max_latency_ms": latency} if size > 1 else {}
 
     class Service:
         request_model = request_model_
@@ -51,11 +54,7 @@ def deployment_service(
             self.deployment = Deployment(config, backend)
             self.deployment.start()
 
-        @bentoml.api(
-            batchable=True,
-            max_batch_size=config.batching.max_batch_size,
-            max_latency_ms=config.batching.max_latency_ms,
-        )
+        @bentoml.api(**batching)
         @typed(requests=list[request_model])  # type: ignore[valid-type]
         async def predict_batch(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
             return await self.deployment.predict(requests)

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny model built on the fly and a real `bentoml serve` on 127.0.0.1."""
 
+import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing here may reach a model hub
@@ -94,7 +95,8 @@ def serve(
             time.sleep(0.3)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:

