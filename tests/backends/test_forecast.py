@@ -5,7 +5,6 @@ import threading
 import time
 import typing
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,11 @@ from pydantic import ValidationError
 
 from sheaf.api.events import ResultEvent
 from sheaf.api.forecast import FeatureRef, ForecastRequest, ForecastResponse, Frequency
-from sheaf.backends.base import Cancelled
 from sheaf.backends.forecast import FREQUENCY_BUCKETS, ForecastBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.tiny_timesfm import CONTEXT_LENGTH, HORIZON_LENGTH, build_tiny_timesfm
+from tests.backends.cancelling import cancel_on_cue
 
 MAX_HORIZON = 64  # the deployment's options
 MAX_HISTORY = 512
@@ -372,15 +371,7 @@ def test_cancel_stops_a_long_horizon_between_rounds(tiny_model: Path, monkeypatc
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(backend.model, "forward", slow)
-    cancel = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        outcome = pool.submit(backend.predict_batch, batch, cancel)
-        assert third.wait(60)
-        cancel.set()
-        at_cancel, cancelled_at = calls[0], time.perf_counter()
-        with pytest.raises(Cancelled, match="stopped after"):
-            outcome.result(60)
-        waited = time.perf_counter() - cancelled_at
+    at_cancel, waited = cancel_on_cue(backend, batch, third, calls)
     assert calls[0] <= at_cancel + 1  # the round running at the cancel may finish; no other starts
     assert waited < 1.0
     monkeypatch.undo()

@@ -5,7 +5,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,11 @@ import pytest
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 from sheaf.backends import textgen
-from sheaf.backends.base import Cancelled
 from sheaf.backends.textgen import TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.tiny_models import build_tiny_causal_lm
+from tests.backends.cancelling import cancel_on_cue
 
 LIMIT = 256  # the deployment's max_new_tokens_limit
 CONTEXT = 512  # the tiny model's context
@@ -247,15 +246,7 @@ def test_cancel_stops_a_batched_predict_within_a_token(
             fifth.set()
 
     calls = wrap_forward(monkeypatch, backend, slow)
-    cancel = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        outcome = pool.submit(backend.predict_batch, batch, cancel)
-        assert fifth.wait(60)
-        cancel.set()
-        at_cancel, cancelled_at = calls[0], time.perf_counter()
-        with pytest.raises(Cancelled, match="stopped after"):
-            outcome.result(60)
-        waited = time.perf_counter() - cancelled_at
+    at_cancel, waited = cancel_on_cue(backend, batch, fifth, calls)
     assert calls[0] <= at_cancel + 1  # the forward pass running at the cancel may finish; no other starts
     assert waited < 1.0
     monkeypatch.undo()

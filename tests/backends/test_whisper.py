@@ -9,10 +9,8 @@ import random
 import re
 import subprocess
 import threading
-import time
 import wave
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,11 @@ from pydantic import ValidationError
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent
 from sheaf.backends import whisper
-from sheaf.backends.base import Cancelled
 from sheaf.backends.whisper import WhisperBackend, decode_request_audio
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.tiny_whisper import build_tiny_whisper
+from tests.backends.cancelling import cancel_on_cue
 
 SENTENCES = [
     "Please send the report to my office before noon on Friday.",
@@ -467,14 +465,9 @@ def cancel_after_first(
         return result
 
     monkeypatch.setattr(target, name, counted)
-    with ThreadPoolExecutor(1) as pool:
-        outcome = pool.submit(backend.predict_batch, batch, cancel)
-        assert first_done.wait(120)
-        cancel.set()
-        cancelled_at = time.perf_counter()
-        with pytest.raises(Cancelled, match="transcription stopped"):
-            outcome.result(120)
-        waited = time.perf_counter() - cancelled_at
+    _, waited = cancel_on_cue(
+        backend, batch, first_done, calls, match="transcription stopped", cancel=cancel, timeout=120
+    )
     monkeypatch.undo()
     return calls, waited
 
