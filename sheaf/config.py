@@ -108,6 +108,10 @@ class DeploymentConfig(_Strict):
     feature_store: FeatureStore | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
+    def timeout_for(self, requested: float | None) -> float:
+        """A request's deadline in seconds: its own `timeout_s`, capped by this deployment's."""
+        return min(requested or self.timeout_s, self.timeout_s)
+
 
 def config_dir() -> Path:
     """The active config set: `SHEAF_CONFIG_DIR` (any folder), else `configs/<SHEAF_CONFIG_SET>`

@@ -44,12 +44,16 @@ Outcome = dict[str, Any]
 """`{"status": 200, "body": response}` or `{"status": 4xx/5xx, "body": {"detail": ...}}`."""
 
 
+def error_outcome(status: int, detail: str) -> Outcome:
+    return {"status": status, "body": {"detail": detail}}
+
+
 def failure(exc: BaseException) -> Outcome:
     if isinstance(exc, InvalidRequest):
         return {"status": exc.status_code, "body": {"detail": exc.detail()}}
     if isinstance(exc, Cancelled):
-        return {"status": 504, "body": {"detail": f"stopped at the deadline: {exc}"}}
-    return {"status": 500, "body": {"detail": f"{type(exc).__name__}: {exc}"}}
+        return error_outcome(504, f"stopped at the deadline: {exc}")
+    return error_outcome(500, f"{type(exc).__name__}: {exc}")
 
 
 def import_string(path: str) -> Any:
@@ -93,7 +97,7 @@ class Deployment:
         if self.loaded.is_set():
             return None
         detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-        return {"status": 503, "body": {"detail": detail}}
+        return error_outcome(503, detail)
 
     async def predict(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
         if unavailable := self._unavailable():
@@ -124,7 +128,7 @@ class Deployment:
     async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
         # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
         cancel = threading.Event()
-        budget = max(min(r.timeout_s or self.config.timeout_s, self.config.timeout_s) for r in requests)
+        budget = max(self.config.timeout_for(r.timeout_s) for r in requests)
         timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         try:
             results = await asyncio.to_thread(self.backend.predict_batch, requests, cancel)
@@ -198,7 +202,7 @@ class Deployment:
             return
         request = batch[0]
         name, sent, outcome = self.config.name, 0, "cancelled"  # until the stream says otherwise
-        budget = min(request.timeout_s or self.config.timeout_s, self.config.timeout_s)
+        budget = self.config.timeout_for(request.timeout_s)
         try:
             events = iterate_in_thread(
                 lambda cancel: self.backend.stream(request, cancel), idle_s=self.config.heartbeat_s, timeout_s=budget
@@ -225,7 +229,7 @@ class Deployment:
                 metrics.STREAM_EVENTS.labels(name, "error").inc()
                 yield encode_event({"type": "error", "done": True, "error": detail, "code": "deadline_exceeded"})
             else:
-                yield encode_event({"type": "error", "done": True, "error": detail, **_outcome(504, detail)})
+                yield encode_event({"type": "error", "done": True, "error": detail, **error_outcome(504, detail)})
         except Exception as exc:
             if sent:
                 outcome = "error"
@@ -240,10 +244,6 @@ class Deployment:
             if outcome == "cancelled":
                 metrics.STREAMS_CANCELLED.labels(name).inc()
             logger.info("%s stream request_id=%s events=%d outcome=%s", name, request.request_id, sent, outcome)
-
-
-def _outcome(status: int, detail: str) -> Outcome:
-    return {"status": status, "body": {"detail": detail}}
 
 
 def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:

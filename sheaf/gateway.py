@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sheaf.api.base import BaseRequest
 from sheaf.config import DeploymentConfig, Limits
-from sheaf.deployment import Outcome
+from sheaf.deployment import Outcome, error_outcome
 from sheaf.logs import show_sheaf_logs
 from sheaf.service import typed
 from sheaf.streaming import encode_event, error_event
@@ -87,7 +87,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
 
     async def forward(self: Any, requests: list[BaseRequest[Any]]) -> list[Outcome]:
         """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
-        budget = max(timeout(config, request) for request in requests)
+        budget = max(config.timeout_for(request.timeout_s) for request in requests)
         bodies = [request.model_dump(mode="json") for request in requests]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -97,13 +97,13 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
                 outcomes: list[Outcome] = await asyncio.wait_for(call, deadline - loop.time())
                 return outcomes
             except TimeoutError:
-                return [_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
+                return [error_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
             except Exception as exc:  # BentoML's own refusals (503 past max_latency_ms), or a broken connection
                 status = getattr(exc, "error_code", None)
                 logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
                 if status is None and attempt == 1:
                     continue  # a pooled connection to the deployment broke; predicts are safe to send again
-                return [_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
+                return [error_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
         raise AssertionError("unreachable")
 
     @typed(request=request_model, **{"return": request_model.response_model})
@@ -144,11 +144,6 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
     }
 
 
-def timeout(config: DeploymentConfig, request: BaseRequest[Any]) -> float:
-    """A request's deadline in seconds: its own `timeout_s`, capped by its deployment's."""
-    return min(request.timeout_s or config.timeout_s, config.timeout_s)
-
-
 class Gate:
     """Admission to one deployment: predicts pending and streams open, each under its limit.
 
@@ -180,11 +175,8 @@ class Gate:
 
     def full(self, what: str) -> Outcome:
         limit = self.limits.max_streams if what == "streams" else self.limits.max_pending
-        return _outcome(503, f"this deployment is full ({limit} {what}); retry after {self.limits.retry_after_s} s")
-
-
-def _outcome(status: int, detail: str) -> Outcome:
-    return {"status": status, "body": {"detail": detail}}
+        retry = self.limits.retry_after_s
+        return error_outcome(503, f"this deployment is full ({limit} {what}); retry after {retry} s")
 
 
 def _response(outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
@@ -289,7 +281,7 @@ def _probes(names: list[str]) -> Starlette:
             proxy = getattr(bentoml.get_current_service(), name)
             outcome = await proxy.to_async.ready()
         except Exception as exc:  # the deployment's process is not up (yet)
-            outcome = {"status": 503, "body": {"detail": f"deployment {name} unreachable: {type(exc).__name__}"}}
+            outcome = error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
         return JSONResponse(outcome["body"], status_code=outcome["status"])
 
     routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in names]

@@ -288,14 +288,12 @@ def test_a_stream_past_its_deadline_ends_with_an_error_event_and_stops(server: S
 
 
 def test_a_request_cannot_ask_for_more_time_than_its_deployment_gives() -> None:
-    from sheaf.api import TextGenerationRequest
     from sheaf.config import DeploymentConfig
-    from sheaf.gateway import timeout
 
     config = DeploymentConfig.model_validate({"name": "t", "model": {"hub": "x"}, "timeout_s": 30})
-    assert timeout(config, TextGenerationRequest(prompt="hi", timeout_s=5)) == 5
-    assert timeout(config, TextGenerationRequest(prompt="hi", timeout_s=500)) == 30
-    assert timeout(config, TextGenerationRequest(prompt="hi")) == 30
+    assert config.timeout_for(5) == 5
+    assert config.timeout_for(500) == 30
+    assert config.timeout_for(None) == 30
 
 
 def test_a_quiet_started_stream_gets_heartbeats_that_clients_skip(server: Server) -> None:
