@@ -1,12 +1,9 @@
-"""`make bench`: what sheaf costs on top of the model, and what adaptive batching gains.
+"""`make bench`: what sheaf costs on top of the model, what adaptive batching gains, how
+streams are delivered and cancelled, how much memory each process holds, and what load holds.
 
-Tiny models on CPU, real servers (`bentoml serve` on 127.0.0.1), each figure the median of
-`RUNS` runs after a warm-up. Writes `bench/results/<date>.md` and prints the same table.
-
-- overhead: p50 and p99 of `/predict` at concurrency 1, minus the same request through the
-  backend in-process (`predict_batch([request])`);
-- batching gain: requests per second at concurrency 1, 8 and 32 (closed loop), with
-  batching on (the deployment's `max_batch_size`) and off (`max_batch_size: 1`).
+Tiny models on CPU, real servers (`bentoml serve` on 127.0.0.1), each figure a median over
+runs after a warm-up. Every deployment and the in-process baseline use one model thread, so
+that they compare alike. Writes `bench/results/<date>.md` and prints the same tables.
 """
 
 from __future__ import annotations
@@ -14,36 +11,50 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import io
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.load import RUNS, SLOWDOWN, LoadStep, latency_ms, load_ladder, throughput
+from bench.memory import PeakRSS, rss_mb
+from bench.stamped import STAMPS_ENV
+from bench.streams import Cancellation, Delivery, Stamps, cancellation, delivery
+from sheaf.backends.base import limit_torch_threads
 from sheaf.config import load_config
 from sheaf.deployment import import_string
 from sheaf.tiny_models import build_tiny_causal_lm
 from tests.conftest import Server, serve, speak
 
-RUNS = 3
-WARMUP = 5
-SAMPLES = 60  # sequential requests per overhead run
-SECONDS = 3.0  # per throughput point
 CONCURRENCY = (1, 8, 32)
 RESULTS = Path(__file__).resolve().parent / "results"
-
 BACKENDS = {
-    "textgen": "sheaf.backends.textgen:TextGenerationBackend",
-    "flux": "sheaf.backends.flux:FluxBackend",
-    "whisper": "sheaf.backends.whisper:WhisperBackend",
-    "forecast": "sheaf.backends.forecast:ForecastBackend",
+    "textgen": "TextGeneration",
+    "flux": "Flux",
+    "whisper": "Whisper",
+    "forecast": "Forecast",
 }
+STREAMING = ("textgen", "flux", "whisper")  # forecast sends a single event: nothing to cancel mid-way
+SPEECH = "please send me the report by tomorrow morning"
+
+
+@dataclass
+class Results:
+    overhead: dict[str, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
+    rates: dict[tuple[str, bool, int], float] = field(default_factory=dict)
+    delivery: dict[str, Delivery] = field(default_factory=dict)
+    cancellation: dict[str, Cancellation] = field(default_factory=dict)
+    rest_mb: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    load: dict[str, list[LoadStep]] = field(default_factory=dict)
 
 
 def configs(folder: Path, lm: Path, batch: bool) -> None:
@@ -55,13 +66,24 @@ def configs(folder: Path, lm: Path, batch: bool) -> None:
     }
     for name, model in models.items():
         (folder / f"{name}.yaml").write_text(
-            f"name: {name}\nmodel: {model}\nbatching: {{max_batch_size: {32 if batch else 1}}}\n"
-            "limits: {max_pending: 4096, max_streams: 1024}\n"
+            f"name: {name}\nbackend: bench.stamped:{BACKENDS[name]}\nmodel: {model}\nthreads: 1\n"
+            f"batching: {{max_batch_size: {32 if batch else 1}}}\nlimits: {{max_pending: 4096, max_streams: 1024}}\n"
         )
 
 
+def long_speech(work: Path, repeats: int) -> bytes:
+    """`SPEECH` said `repeats` times in one WAV: long enough to decode in several windows."""
+    with wave.open(io.BytesIO(speak(SPEECH, work / "once.wav"))) as once:
+        params, frames = once.getparams(), once.readframes(once.getnframes())
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setparams(params)
+        wav.writeframes(frames * repeats)
+    return out.getvalue()
+
+
 def requests(work: Path) -> dict[str, dict[str, Any]]:
-    audio = base64.b64encode(speak("please send me the report by tomorrow morning", work / "clip.wav")).decode()
+    audio = base64.b64encode(long_speech(work, repeats=4)).decode()  # a few segments, one window
     return {
         "textgen": {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 16},
         "flux": {"model_type": "diffusion", "prompt": "a fox", "height": 64, "width": 64, "num_inference_steps": 4},
@@ -70,58 +92,27 @@ def requests(work: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def long_requests(work: Path) -> dict[str, dict[str, Any]]:
+    """Streams that run for seconds, to be dropped part-way."""
+    audio = base64.b64encode(long_speech(work, repeats=30)).decode()
+    return {
+        "textgen": {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 1000},
+        "flux": {"model_type": "diffusion", "prompt": "a fox", "height": 64, "width": 64, "num_inference_steps": 200},
+        "whisper": {"model_type": "audio", "audio_b64": audio, "beam_size": 1},
+    }
 
 
-def latency_ms(call: Callable[[], object]) -> list[float]:
-    """p50 and p99 of `call` in milliseconds, each the median over `RUNS` runs after a warm-up."""
-    for _ in range(WARMUP):
-        call()
-    runs = []
-    for _ in range(RUNS):
-        times = []
-        for _ in range(SAMPLES):
-            started = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - started) * 1000)
-        runs.append((percentile(times, 0.5), percentile(times, 0.99)))
-    return [statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)]
-
-
-def in_process_ms(folder: Path, name: str, body: dict[str, Any]) -> list[float]:
+def in_process_ms(folder: Path, name: str, body: dict[str, Any]) -> tuple[float, float]:
     """The raw backend call, in this process."""
-    backend = import_string(BACKENDS[name])(load_config(folder / f"{name}.yaml"))
+    backend = import_string(f"bench.stamped:{BACKENDS[name]}")(load_config(folder / f"{name}.yaml"))
     backend.load()
     request = backend.request_model.model_validate(body)
     return latency_ms(lambda: backend.predict_batch([request]))
 
 
-def served_ms(server: Server, name: str, body: dict[str, Any]) -> list[float]:
+def served_ms(server: Server, name: str, body: dict[str, Any]) -> tuple[float, float]:
     with httpx.Client(base_url=server.url, timeout=120) as client:
         return latency_ms(lambda: client.post(f"/{name}/predict", json=body).raise_for_status())
-
-
-async def throughput(server: Server, name: str, body: dict[str, Any], concurrency: int) -> float:
-    """Requests per second with `concurrency` clients each sending as soon as its last answer came."""
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
-
-        async def worker(until: float) -> int:
-            done = 0
-            while time.perf_counter() < until:
-                (await client.post(f"/{name}/predict", json=body)).raise_for_status()
-                done += 1
-            return done
-
-        await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(concurrency)))  # warm-up
-        rates = []
-        for _ in range(RUNS):
-            started = time.perf_counter()
-            counts = await asyncio.gather(*(worker(started + SECONDS) for _ in range(concurrency)))
-            rates.append(sum(counts) / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def running(folder: Path, batch: bool, lm: Path) -> Iterator[Server]:
@@ -129,31 +120,54 @@ def running(folder: Path, batch: bool, lm: Path) -> Iterator[Server]:
     yield from serve(folder, folder / "server.log", ready=tuple(BACKENDS))
 
 
+def measure(work: Path, lm: Path, batch: bool, results: Results) -> None:
+    bodies = requests(work)
+    folder = work / ("batched" if batch else "unbatched")
+    folder.mkdir()
+    for server in running(folder, batch, lm):
+        if batch:
+            for name, body in bodies.items():
+                results.overhead[name] = (served_ms(server, name, body), in_process_ms(folder, name, body))
+            results.rest_mb = rss_mb(server.pid)
+            stamps = Stamps(Path(os.environ[STAMPS_ENV]))
+            for name, body in bodies.items():
+                results.delivery[name] = delivery(server.url, name, body, stamps)
+                print(f"{name} delivery: {results.delivery[name]}")
+            for name, body in long_requests(work).items():
+                results.cancellation[name] = cancellation(server.url, name, body, stamps)
+                print(f"{name} cancellation: {results.cancellation[name]}")
+        with PeakRSS(server.pid) as peak:
+            for name, body in bodies.items():
+                for concurrency in CONCURRENCY:
+                    rate = asyncio.run(throughput(server.url, name, body, concurrency))
+                    results.rates[(name, batch, concurrency)] = rate
+                    print(f"{name} batch={batch} c={concurrency}: {rate:.1f} req/s")
+                if batch:
+                    best = max(results.rates[(name, True, c)] for c in CONCURRENCY)
+                    unloaded = results.overhead[name][0][0]
+                    results.load[name] = asyncio.run(load_ladder(server.url, name, body, best, unloaded))
+        if batch:
+            results.peak_mb = peak.peak
+
+
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "unknown CPU")
+    memory = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line)
     system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {system}"
+    return f"{cpu}, {os.cpu_count()} cores, {int(memory) / 2**20:.0f} GiB, Python {platform.python_version()}, {system}"
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sheaf-bench-"))
     os.environ["SHEAF_CACHE_DIR"] = str(work / "cache")  # the servers' too: built weights are shared
-    lm = build_tiny_causal_lm(work / "tiny-lm")
-    bodies = requests(work)
-    overhead: dict[str, tuple[list[float], list[float]]] = {}
-    rates: dict[tuple[str, bool, int], float] = {}
+    os.environ[STAMPS_ENV] = str(work / "stamps.txt")
+    limit_torch_threads(1)  # as the served deployments (`threads: 1`)
+    lm = build_tiny_causal_lm(work / "tiny-lm", context=4096)
+    results = Results()
     for batch in (True, False):
-        folder = work / ("batched" if batch else "unbatched")
-        folder.mkdir()
-        for server in running(folder, batch, lm):
-            for name, body in bodies.items():
-                if batch:
-                    overhead[name] = (served_ms(server, name, body), in_process_ms(folder, name, body))
-                for concurrency in CONCURRENCY:
-                    rates[(name, batch, concurrency)] = asyncio.run(throughput(server, name, body, concurrency))
-                    print(f"{name} batch={batch} c={concurrency}: {rates[(name, batch, concurrency)]:.1f} req/s")
-    table = report(overhead, rates)
+        measure(work, lm, batch, results)
+    table = report(results)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{datetime.date.today().isoformat()}.md"
     out.write_text(table)
@@ -162,36 +176,82 @@ def main() -> int:
     return 0
 
 
-def report(overhead: dict[str, tuple[list[float], list[float]]], rates: dict[tuple[str, bool, int], float]) -> str:
+def report(results: Results) -> str:
+    names = list(results.overhead)
+    header = " | ".join(f"c={c} batched | c={c} unbatched" for c in CONCURRENCY)
     lines = [
         f"# sheaf benchmarks, {datetime.date.today().isoformat()}",
         "",
-        f"Machine: {machine()}. Tiny models on CPU; medians of {RUNS} runs after warm-up.",
+        f"Machine: {machine()}. Tiny models on CPU, one model thread per deployment; "
+        f"medians of {RUNS} runs after warm-up.",
         "",
         "## Overhead of /predict over the raw backend call (concurrency 1, ms)",
         "",
         "| deployment | served p50 | raw p50 | overhead p50 | served p99 | raw p99 | overhead p99 |",
         "|---|---|---|---|---|---|---|",
-    ]
-    for name, (served, raw) in overhead.items():
-        lines.append(
+        *(
             f"| {name} | {served[0]:.2f} | {raw[0]:.2f} | {served[0] - raw[0]:.2f} "
             f"| {served[1]:.2f} | {raw[1]:.2f} | {served[1] - raw[1]:.2f} |"
-        )
-    header = " | ".join(f"c={c} batched | c={c} unbatched" for c in CONCURRENCY)
-    lines += [
+            for name, (served, raw) in results.overhead.items()
+        ),
         "",
         "## Throughput (requests/s, closed loop), adaptive batching on and off",
         "",
         f"| deployment | {header} | gain at c={CONCURRENCY[-1]} |",
         "|---|" + "---|" * (2 * len(CONCURRENCY) + 1),
     ]
-    for name in overhead:
-        cells = " | ".join(f"{rates[(name, True, c)]:.1f} | {rates[(name, False, c)]:.1f}" for c in CONCURRENCY)
-        gain = rates[(name, True, CONCURRENCY[-1])] / rates[(name, False, CONCURRENCY[-1])]
+    for name in names:
+        cells = " | ".join(
+            f"{results.rates[(name, True, c)]:.1f} | {results.rates[(name, False, c)]:.1f}" for c in CONCURRENCY
+        )
+        gain = results.rates[(name, True, CONCURRENCY[-1])] / results.rates[(name, False, CONCURRENCY[-1])]
         lines.append(f"| {name} | {cells} | {gain:.1f}x |")
-    lines += ["", "Not measured yet: stream delivery, cancellation latency, memory, open-loop load (issue 8).", ""]
-    return "\n".join(lines)
+    lines += [
+        "",
+        "## Stream delivery (concurrency 1)",
+        "",
+        "Delay: from the backend handing an event over to the client holding it decoded.",
+        "",
+        "| deployment | events per stream | request to first event, ms | first event's delay, ms "
+        "| later events' delay p50, ms | p99, ms |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {d.events} | {d.first_event_ms:.2f} | {d.first_delay_ms:.2f} "
+            f"| {d.later_delay_p50_ms:.2f} | {d.later_delay_p99_ms:.2f} |"
+            for name, d in results.delivery.items()
+        ),
+        "",
+        "## Cancellation: the client drops a stream after two events",
+        "",
+        "| deployment | drop to model stopped, ms | longest step, ms | events produced after the drop (most) |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {c.stop_ms:.1f} | {c.step_ms:.1f} | {c.events_after_drop} |"
+            for name, c in results.cancellation.items()
+        ),
+        "",
+        "## Memory: resident MB per process, at rest and at its peak under the throughput and load runs",
+        "",
+        "| process | at rest | peak under load |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {mb:.0f} | {results.peak_mb.get(name, float('nan')):.0f} |"
+            for name, mb in results.rest_mb.items()
+        ),
+        "",
+        f"## Open-loop load: the highest rate held with p99 under {SLOWDOWN}x the unloaded p50 and no errors",
+        "",
+        "| deployment | unloaded p50 ms | highest rate held, req/s | its p99 ms | next rate: req/s, p99 ms, errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name, steps in results.load.items():
+        unloaded = results.overhead[name][0][0]
+        held = [step for step in steps if step.holds(unloaded)]
+        best = f"{held[-1].rate:.1f} | {held[-1].p99_ms:.1f}" if held else "none | -"
+        failed = next((s for s in steps if not s.holds(unloaded)), None)
+        after = f"{failed.rate:.1f}, {failed.p99_ms:.1f}, {failed.errors}/{failed.sent}" if failed else "not reached"
+        lines.append(f"| {name} | {unloaded:.2f} | {best} | {after} |")
+    return "\n".join([*lines, ""])
 
 
 if __name__ == "__main__":

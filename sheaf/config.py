@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -81,7 +82,7 @@ class FeatureStore(_Strict):
 class Resources(_Strict):
     """What BentoML reserves for each worker of the deployment (and asks of a cluster)."""
 
-    cpu: str | None = Field(None, description='Cores, e.g. "2" or "500m".')
+    cpu: str | None = Field(None, pattern=r"^(\d+(\.\d+)?|\d+m)$", description='Cores, e.g. "2" or "500m".')
     memory: str | None = Field(None, description='e.g. "8Gi".')
     gpu: int | None = Field(None, ge=0, description="GPUs per worker.")
     gpu_type: str | None = Field(None, description='e.g. "nvidia-l4".')
@@ -95,6 +96,12 @@ class DeploymentConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     workers: int = Field(1, ge=1, description="Worker processes, each with its own copy of the model.")
     resources: Resources = Resources()
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads for the model's CPU work per worker (torch; CTranslate2 for whisper). "
+        "Default: resources.cpu rounded up, else the library's own (every core).",
+    )
     batching: Batching = Batching()
     timeout_s: float = Field(
         300.0,
@@ -107,6 +114,16 @@ class DeploymentConfig(_Strict):
     cache: Cache = Cache()
     feature_store: FeatureStore | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+
+    def model_threads(self) -> int | None:
+        """Threads for the model's CPU work, or None for the library's default.
+
+        More threads than the cores a worker really gets do not go faster on CPU: the idle ones
+        spin between operations, taking the cores that the HTTP side needs."""
+        if self.threads or not self.resources.cpu:
+            return self.threads
+        cpu = self.resources.cpu
+        return max(1, math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
 
     def timeout_for(self, requested: float | None) -> float:
         """A request's deadline in seconds: its own `timeout_s`, capped by this deployment's."""

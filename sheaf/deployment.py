@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent
-from sheaf.backends.base import Backend, Cancelled
+from sheaf.backends.base import Backend, Cancelled, limit_torch_threads
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
@@ -82,6 +82,7 @@ class Deployment:
                 from sheaf.features import FeatureStoreResolver  # imports feast: seconds
 
                 self.features = FeatureStoreResolver(self.config.feature_store.repo)
+            limit_torch_threads(self.config.model_threads())
             self.backend.load()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"

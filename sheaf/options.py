@@ -71,7 +71,6 @@ class WhisperOptions(BaseModel):
 
     max_audio_seconds: float = Field(1800, gt=0, description="Longer clips get 422.")
     compute_type: str = Field("int8", description="CTranslate2 compute type: int8, float16, default ...")
-    cpu_threads: int = Field(0, ge=0, description="CTranslate2 threads on CPU; 0 lets it choose.")
     batched: bool | None = Field(
         None, description="Decode a batch in one BatchedInferencePipeline call; null takes the measured default."
     )

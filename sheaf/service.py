@@ -8,9 +8,10 @@ code: the backend is imported and loaded inside the worker.
 
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import BaseModel
 
 from sheaf.api.base import BaseRequest
@@ -20,6 +21,9 @@ from sheaf.logs import show_sheaf_logs
 
 F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_MARGIN_S = 30.0
+NEVER_REQUESTS, NEVER_AGE_S = 2**62, 1e12
+# Named, so that BentoML does not build the output's JSON schema on every response to learn it.
+JSON = ContentType("application/json")
 
 
 def deployment_service(
@@ -56,7 +60,7 @@ def deployment_service(
 
         @bentoml.api(**batching)
         @typed(requests=list[request_model])  # type: ignore[valid-type]
-        async def predict_batch(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        async def predict_batch(self, requests: list[BaseRequest[Any]]) -> Annotated[list[Outcome], JSON]:
             return await self.deployment.predict(requests)
 
         @bentoml.api
@@ -67,7 +71,7 @@ def deployment_service(
                     yield frame
 
         @bentoml.api
-        async def ready(self) -> Outcome:
+        async def ready(self) -> Annotated[Outcome, JSON]:
             return self.deployment.ready()
 
     Service.__name__ = Service.__qualname__ = f"{config.name.title()}Service"
@@ -78,6 +82,12 @@ def deployment_service(
         resources=resources,
         # Past the deadlines that sheaf enforces itself (504), so that BentoML's never cuts in first.
         traffic={"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
+        # The gateway logs each request's access line; a second one per hop costs CPU and says nothing new.
+        logging={"access": {"enabled": False}},
+        # BentoML's client renews its connection pool every 100 requests by closing the old pool,
+        # which breaks the calls still in flight on it (seen under load: "Server disconnected",
+        # and a predict left waiting until its deadline). Never renew it.
+        runner_connection={"max_requests": NEVER_REQUESTS, "max_age": NEVER_AGE_S},
     )(Service)
 
 

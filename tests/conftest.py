@@ -39,6 +39,7 @@ def free_port() -> int:
 class Server:
     url: str
     log: Path
+    pid: int  # `bentoml serve` itself; its workers are its children
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -75,7 +76,7 @@ def serve(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", log)
+    server = Server(f"http://127.0.0.1:{port}", log, process.pid)
     try:
         deadline = time.monotonic() + 180
         while True:

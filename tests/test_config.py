@@ -37,6 +37,8 @@ def test_name_defaults_to_the_file_name_and_paths_resolve_against_it(tmp_path: P
         ("name: Text-Gen\nmodel: {path: x}\n", "name: String should match pattern"),
         ("model: [unclosed\n", "not valid YAML"),
         ("- a list\n", "expected a mapping"),
+        ("model: {path: x}\nresources: {cpu: two}\n", "resources.cpu: String should match pattern"),
+        ("model: {path: x}\nthreads: 0\n", "threads: Input should be greater than or equal to 1"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -45,6 +47,21 @@ def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -
         load_config(path)
     assert str(error.value).startswith(f"{path}: ")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "threads"),
+    [
+        ("", None),
+        ("threads: 3\n", 3),
+        ("resources: {cpu: '2'}\n", 2),
+        ("resources: {cpu: 500m}\n", 1),
+        ("resources: {cpu: '1.5'}\n", 2),
+        ("resources: {cpu: '4'}\nthreads: 1\n", 1),
+    ],
+)
+def test_model_threads_follow_threads_then_resources_cpu(tmp_path: Path, settings: str, threads: int | None) -> None:
+    assert load_config(write(tmp_path, "model: {path: x}\n" + settings)).model_threads() == threads
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:

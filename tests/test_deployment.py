@@ -1,6 +1,7 @@
 """`Deployment` in process, on the real forecast backend: Feast lookups, the cache, and outcomes."""
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,22 @@ def test_a_batch_looks_its_features_up_in_one_call(model: Path, feature_repo: Pa
     assert [outcome["status"] for outcome in outcomes] == [200, 200, 200, 404, 200]
     direct = asyncio.run(deployment.predict([ForecastRequest(history=demo_series("traffic"))]))
     assert outcomes[1]["body"]["mean"] == direct[0]["body"]["mean"]
+
+
+def test_loading_sizes_the_torch_thread_pool_of_the_threads_that_predict(model: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    try:
+        loaded(DeploymentConfig(name="forecast", model=ModelSource(path=str(model)), threads=1))
+        # A thread that first runs torch after loading, as the predict threads do (this thread has run torch before).
+        predicting = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        predicting.start()
+        predicting.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
 
 
 def test_the_cache_keeps_successes_and_streams_skip_it(model: Path) -> None:

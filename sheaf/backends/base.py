@@ -77,3 +77,12 @@ def torch_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
+
+
+def limit_torch_threads(threads: int | None) -> None:
+    """Size torch's intra-op pool for the whole process (None leaves torch's default)."""
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)

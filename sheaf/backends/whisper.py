@@ -132,7 +132,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         options = self._options
         self._pieces_per_call = PIECES_PER_CALL[device]
         self._model = WhisperModel(
-            location, device=device, compute_type=options.compute_type, cpu_threads=options.cpu_threads
+            location, device=device, compute_type=options.compute_type, cpu_threads=self.config.model_threads() or 0
         )
         kind = "multilingual" if self._model.model.is_multilingual else "English-only"
         logger.info(

@@ -1,0 +1,111 @@
+"""Latency at concurrency 1, closed-loop throughput, and open-loop load on `/{name}/predict`."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+RUNS = 3
+WARMUP = 5
+SAMPLES = 60  # sequential requests per latency run
+SECONDS = 3.0  # per throughput point
+LOAD_SECONDS = 5.0  # per open-loop rate, at least
+LOAD_REQUESTS = 20  # per open-loop rate, at least (slow deployments get a longer step)
+LOAD_STEPS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # open-loop rates, as fractions of the closed-loop best
+SLOWDOWN = 10  # an open-loop rate holds while p99 < SLOWDOWN x the unloaded p50
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def latency_ms(call: Callable[[], object]) -> tuple[float, float]:
+    """p50 and p99 of `call` in milliseconds, each the median over `RUNS` runs after a warm-up."""
+    for _ in range(WARMUP):
+        call()
+    runs = []
+    for _ in range(RUNS):
+        times = []
+        for _ in range(SAMPLES):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        runs.append((percentile(times, 0.5), percentile(times, 0.99)))
+    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
+
+
+async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int) -> float:
+    """Requests per second with `concurrency` clients each sending as soon as its last answer came."""
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker(until: float) -> int:
+            done = 0
+            while time.perf_counter() < until:
+                (await client.post(f"/{name}/predict", json=body)).raise_for_status()
+                done += 1
+            return done
+
+        await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(concurrency)))  # warm-up
+        rates = []
+        for _ in range(RUNS):
+            started = time.perf_counter()
+            counts = await asyncio.gather(*(worker(started + SECONDS) for _ in range(concurrency)))
+            rates.append(sum(counts) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+@dataclass
+class LoadStep:
+    rate: float  # requests per second sent
+    p99_ms: float
+    errors: int
+    sent: int
+
+    def holds(self, unloaded_p50_ms: float) -> bool:
+        return self.errors == 0 and self.p99_ms < SLOWDOWN * unloaded_p50_ms
+
+
+async def open_loop(url: str, name: str, body: dict[str, Any], rate: float) -> LoadStep:
+    """Send at `rate` on a fixed schedule, whether or not earlier answers have come."""
+    count = max(LOAD_REQUESTS, round(rate * LOAD_SECONDS))
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(at: float) -> None:
+            nonlocal errors
+            await asyncio.sleep(at - time.perf_counter())
+            started = time.perf_counter()
+            try:
+                response = await client.post(f"/{name}/predict", json=body)
+            except httpx.HTTPError:
+                errors += 1
+                return
+            if response.status_code != 200:
+                errors += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        start = time.perf_counter() + 0.1
+        await asyncio.gather(*(one(start + i / rate) for i in range(count)))
+    return LoadStep(rate, percentile(latencies, 0.99) if latencies else float("inf"), errors, count)
+
+
+async def load_ladder(url: str, name: str, body: dict[str, Any], best: float, unloaded_p50_ms: float) -> list[LoadStep]:
+    """Rising open-loop rates, up to the first that does not hold."""
+    steps = []
+    for fraction in LOAD_STEPS:
+        steps.append(await open_loop(url, name, body, best * fraction))
+        print(f"{name} open loop {steps[-1]}")
+        if not steps[-1].holds(unloaded_p50_ms):
+            break
+        await asyncio.sleep(1.0)  # let the queue drain between steps
+    return steps

@@ -1,0 +1,58 @@
+"""The real backends, with the moments that the stream benchmarks need written down.
+
+Each stream appends `request_id kind index monotonic_s` lines to the file named by
+`SHEAF_BENCH_STAMPS`: `emit` as the backend hands over an event, `stop` once the backend's
+own cleanup has returned (its model work has ended). `time.monotonic` is one clock for every
+process on the machine, so the bench client can set its own readings against them.
+"""
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sheaf.api import BaseRequest, StreamEvent
+from sheaf.backends.base import Backend
+from sheaf.backends.flux import FluxBackend
+from sheaf.backends.forecast import ForecastBackend
+from sheaf.backends.textgen import TextGenerationBackend
+from sheaf.backends.whisper import WhisperBackend
+
+STAMPS_ENV = "SHEAF_BENCH_STAMPS"
+
+
+def stamp(request_id: str, kind: str, index: int) -> None:
+    at = time.monotonic()
+    with open(os.environ[STAMPS_ENV], "a") as stamps:  # one short write per line: lines never interleave
+        stamps.write(f"{request_id} {kind} {index} {at:.6f}\n")
+
+
+class Stamped(Backend[Any, Any]):
+    """Put first among the bases of a real backend."""
+
+    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent]:
+        events = super().stream(request, cancel)
+        try:
+            for index, event in enumerate(events):
+                stamp(request.request_id, "emit", index)
+                yield event
+        finally:
+            getattr(events, "close", lambda: None)()  # returns once the backend has stopped its model work
+            stamp(request.request_id, "stop", -1)
+
+
+class TextGeneration(Stamped, TextGenerationBackend):
+    pass
+
+
+class Flux(Stamped, FluxBackend):
+    pass
+
+
+class Whisper(Stamped, WhisperBackend):
+    pass
+
+
+class Forecast(Stamped, ForecastBackend):
+    pass

@@ -1,0 +1,123 @@
+"""Stream delivery and cancellation, measured against the moments `bench.stamped` writes down.
+
+- delivery: time to the first event, and for every event the delay from the backend handing
+  it over (`emit`) to this client holding it decoded (the first event apart: it comes with
+  the response headers of both hops);
+- cancellation: this client drops the connection after a few events; the time from then to
+  the backend's model work having stopped (`stop`), how many events the backend still
+  produced after the drop, and for scale the longest step of a stream left to run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.load import percentile
+from sheaf.streaming import SSEDecoder
+
+STREAMS = 10  # per delivery run
+CANCELS = 5
+EVENTS_BEFORE_DROP = 2
+
+
+class Stamps:
+    """The stamp file: per request id, its `emit` times by event index, and its `stop` time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = defaultdict(lambda: {"emit": {}, "stop": None})
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            request_id, kind, index, at = line.split()
+            if kind == "emit":
+                found[request_id]["emit"][int(index)] = float(at)
+            else:
+                found[request_id]["stop"] = float(at)
+        return found
+
+    def wait_for_stop(self, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while (stamps := self.read().get(request_id)) is None or stamps["stop"] is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{request_id}: the backend did not stop within {timeout_s} s")
+            time.sleep(0.05)
+        return stamps
+
+
+@dataclass
+class Delivery:
+    events: int  # per stream
+    first_event_ms: float  # request sent -> first event decoded, median over streams
+    first_delay_ms: float  # emit -> decoded for the first event (it carries the response headers too)
+    later_delay_p50_ms: float  # emit -> decoded, over every later event of every stream
+    later_delay_p99_ms: float
+
+
+@dataclass
+class Cancellation:
+    stop_ms: float  # median over runs of connection dropped -> model work stopped
+    step_ms: float  # the longest gap between events of a stream run to its end: one step, token or window
+    events_after_drop: int  # the most events the backend produced after any drop
+
+
+def received(client: httpx.Client, name: str, body: dict[str, Any], drop_after: int | None = None) -> list[float]:
+    """Monotonic times at which each event arrived decoded, until the end or `drop_after` events."""
+    times: list[float] = []
+    decoder = SSEDecoder()
+    with client.stream("POST", f"/{name}/stream", json=body) as response:
+        response.raise_for_status()
+        for chunk in response.iter_raw():
+            now = time.monotonic()
+            times += [now] * len(decoder.feed(chunk))
+            if drop_after is not None and len(times) >= drop_after:
+                break  # leaving the block closes the connection mid-stream
+    return times
+
+
+def delivery(url: str, name: str, body: dict[str, Any], stamps: Stamps) -> Delivery:
+    firsts, first_delays, delays, counts = [], [], [], []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        received(client, name, {**body, "request_id": f"warm-{name}"})
+        for i in range(STREAMS):
+            request_id = f"delivery-{name}-{i}"
+            sent = time.monotonic()
+            times = received(client, name, {**body, "request_id": request_id})
+            emitted = stamps.wait_for_stop(request_id)["emit"]
+            firsts.append((times[0] - sent) * 1000)
+            first_delays.append((times[0] - emitted[0]) * 1000)
+            delays += [(at - emitted[index]) * 1000 for index, at in enumerate(times) if index]
+            counts.append(len(times))
+    return Delivery(
+        round(statistics.median(counts)),
+        statistics.median(firsts),
+        statistics.median(first_delays),
+        percentile(delays, 0.5) if delays else math.nan,
+        percentile(delays, 0.99) if delays else math.nan,
+    )
+
+
+def cancellation(url: str, name: str, body: dict[str, Any], stamps: Stamps) -> Cancellation:
+    stops, after = [], []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        # One stream run to its end: its longest gap between events is the longest step the backend takes.
+        received(client, name, {**body, "request_id": f"whole-{name}"})
+        emitted = sorted(stamps.wait_for_stop(f"whole-{name}")["emit"].values())
+        step_ms = max((b - a) * 1000 for a, b in itertools.pairwise(emitted))
+        for i in range(CANCELS):
+            request_id = f"cancel-{name}-{i}"
+            received(client, name, {**body, "request_id": request_id}, drop_after=EVENTS_BEFORE_DROP)
+            dropped = time.monotonic()
+            found = stamps.wait_for_stop(request_id)
+            stops.append((found["stop"] - dropped) * 1000)
+            after.append(sum(at > dropped for at in found["emit"].values()))
+    return Cancellation(statistics.median(stops), step_ms, max(after))
