@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 RUNS = 3
-WARMUP = 5
+WARMUP = 30  # past BentoML's batching warm-up, which holds its first requests back to time batches
 SAMPLES = 60  # sequential requests per latency run
 SECONDS = 3.0  # per throughput point
 LOAD_SECONDS = 5.0  # per open-loop rate, at least
@@ -26,19 +26,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def latency_ms(call: Callable[[], object]) -> tuple[float, float]:
-    """p50 and p99 of `call` in milliseconds, each the median over `RUNS` runs after a warm-up."""
+def latency_ms(*calls: Callable[[], object]) -> list[tuple[float, float]]:
+    """p50 and p99 in milliseconds of each call, each the median over `RUNS` runs after a warm-up.
+
+    The calls take turns, sample by sample, so that a machine that drifts faster or slower
+    meanwhile (a shared VM does) shifts them alike and their difference holds."""
     for _ in range(WARMUP):
-        call()
-    runs = []
-    for _ in range(RUNS):
-        times = []
-        for _ in range(SAMPLES):
-            started = time.perf_counter()
+        for call in calls:
             call()
-            times.append((time.perf_counter() - started) * 1000)
-        runs.append((percentile(times, 0.5), percentile(times, 0.99)))
-    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
+    runs: list[list[tuple[float, float]]] = []
+    for _ in range(RUNS):
+        times: list[list[float]] = [[] for _ in calls]
+        for _ in range(SAMPLES):
+            for call, taken in zip(calls, times, strict=True):
+                started = time.perf_counter()
+                call()
+                taken.append((time.perf_counter() - started) * 1000)
+        runs.append([(percentile(taken, 0.5), percentile(taken, 0.99)) for taken in times])
+    return [
+        (statistics.median(run[i][0] for run in runs), statistics.median(run[i][1] for run in runs))
+        for i in range(len(calls))
+    ]
 
 
 async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int) -> float:

@@ -102,17 +102,16 @@ def long_requests(work: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def in_process_ms(folder: Path, name: str, body: dict[str, Any]) -> tuple[float, float]:
-    """The raw backend call, in this process."""
+def overhead_ms(server: Server, folder: Path, name: str, body: dict[str, Any]) -> list[tuple[float, float]]:
+    """p50 and p99 of `/predict` and of the same request through the backend in this process."""
     backend = import_string(f"bench.stamped:{BACKENDS[name]}")(load_config(folder / f"{name}.yaml"))
     backend.load()
     request = backend.request_model.model_validate(body)
-    return latency_ms(lambda: backend.predict_batch([request]))
-
-
-def served_ms(server: Server, name: str, body: dict[str, Any]) -> tuple[float, float]:
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        return latency_ms(lambda: client.post(f"/{name}/predict", json=body).raise_for_status())
+        return latency_ms(
+            lambda: client.post(f"/{name}/predict", json=body).raise_for_status(),
+            lambda: backend.predict_batch([request]),
+        )
 
 
 def running(folder: Path, batch: bool, lm: Path) -> Iterator[Server]:
@@ -127,7 +126,8 @@ def measure(work: Path, lm: Path, batch: bool, results: Results) -> None:
     for server in running(folder, batch, lm):
         if batch:
             for name, body in bodies.items():
-                results.overhead[name] = (served_ms(server, name, body), in_process_ms(folder, name, body))
+                served, raw = overhead_ms(server, folder, name, body)
+                results.overhead[name] = (served, raw)
             results.rest_mb = rss_mb(server.pid)
             stamps = Stamps(Path(os.environ[STAMPS_ENV]))
             for name, body in bodies.items():
