@@ -48,7 +48,7 @@ SPEECH = "please send me the report by tomorrow morning"
 
 @dataclass
 class Results:
-    overhead: dict[str, tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=dict)
+    overhead: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # served, raw: (p50, p99)
     rates: dict[tuple[str, bool, int], float] = field(default_factory=dict)
     delivery: dict[str, Delivery] = field(default_factory=dict)
     cancellation: dict[str, Cancellation] = field(default_factory=dict)
@@ -126,8 +126,7 @@ def measure(work: Path, lm: Path, batch: bool, results: Results) -> None:
     for server in running(folder, batch, lm):
         if batch:
             for name, body in bodies.items():
-                served, raw = overhead_ms(server, folder, name, body)
-                results.overhead[name] = (served, raw)
+                results.overhead[name] = overhead_ms(server, folder, name, body)
             results.rest_mb = rss_mb(server.pid)
             stamps = Stamps(Path(os.environ[STAMPS_ENV]))
             for name, body in bodies.items():

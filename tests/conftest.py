@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny model built on the fly and a real `bentoml serve` on 127.0.0.1."""
 
+import asyncio
 import contextlib
 import os
 
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,20 @@ def serve(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def predict_at_once(
+    server: Server, name: str, bodies: Sequence[object], *, timeout: float = 60, connections: int = 100
+) -> list[httpx.Response]:
+    """POST every body to `/{name}/predict` at the same time, over up to `connections`
+    connections; the responses, in the order of `bodies`."""
+
+    async def at_once() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=connections)
+        async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
+            return await asyncio.gather(*(client.post(f"/{name}/predict", json=body) for body in bodies))
+
+    return asyncio.run(at_once())
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 
 from sheaf import ResultEvent, SheafClient, TextGenerationRequest
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server
+from tests.conftest import Server, predict_at_once
 
 PROMPT = {"model_type": "text_generation", "model_name": "tiny", "prompt": "the quick brown fox", "max_new_tokens": 12}
 RESPONSE_FIELDS = {
@@ -81,11 +81,7 @@ def test_concurrent_predicts_are_batched_and_each_gets_its_own_answer(server: Se
     bodies = [{**PROMPT, "prompt": f"story number {i} begins", "request_id": f"batch-{i}"} for i in range(16)]
     alone = [predict(server, body).json()["text"] for body in bodies]
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=b) for b in bodies))
-
-    answers = [response.json() for response in asyncio.run(all_at_once())]
+    answers = [response.json() for response in predict_at_once(server, "textgen", bodies)]
     assert [answer["request_id"] for answer in answers] == [body["request_id"] for body in bodies]
     sizes = [answer["metadata"]["batch_size"] for answer in answers]
     model_calls = sum(1 / size for size in sizes)  # each call's members all report its size
@@ -98,11 +94,7 @@ def test_an_error_in_one_request_does_not_fail_its_batch(server: Server) -> None
     bodies = [{**PROMPT, "request_id": f"iso-{i}"} for i in range(6)]
     bodies[3]["model_name"] = "fail-in-batch"
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=b) for b in bodies))
-
-    responses = asyncio.run(all_at_once())
+    responses = predict_at_once(server, "textgen", bodies)
     assert [r.status_code for r in responses] == [200, 200, 200, 500, 200, 200]
     assert responses[3].json() == {"detail": "InjectedFault: injected for this request"}
     assert max(r.json()["metadata"]["batch_size"] for r in responses if r.status_code == 200) > 1
@@ -259,15 +251,9 @@ def test_hundreds_of_concurrent_predicts_all_reach_the_deployment_on_the_first_t
     # flight on it; sheaf turns that off, so not one call here should need the retry.
     logged_before = len(server.log_text())
 
-    async def one(client: httpx.AsyncClient, i: int) -> int:
-        body = {"model_type": "time_series", "history": [float(i), 1.0, 2.0, 3.0], "horizon": 2}
-        return (await client.post(f"{server.url}/forecast/predict", json=body)).status_code
-
-    async def many() -> list[int]:
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=32)) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(320)))
-
-    assert asyncio.run(many()) == [200] * 320
+    bodies = [{"model_type": "time_series", "history": [float(i), 1.0, 2.0, 3.0], "horizon": 2} for i in range(320)]
+    responses = predict_at_once(server, "forecast", bodies, timeout=120, connections=32)
+    assert [response.status_code for response in responses] == [200] * 320
     assert "failed upstream" not in server.log_text()[logged_before:]
 
 

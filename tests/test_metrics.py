@@ -1,12 +1,11 @@
 """sheaf's own series on the entry service's `/metrics`, recorded inside each deployment's worker."""
 
-import asyncio
 import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server
+from tests.conftest import Server, predict_at_once
 
 TEXT = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 6}
 LONG = {**TEXT, "max_new_tokens": 20000}
@@ -48,11 +47,7 @@ def test_streams_batches_adapters_and_lookups_are_counted(server: Server) -> Non
         httpx.post(f"{server.url}/flux/stream", json={**IMAGE, "adapters": adapters}, timeout=60).raise_for_status()
     httpx.post(f"{server.url}/forecast/predict", json=FEATURE, timeout=60).raise_for_status()
 
-    async def four_at_once() -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
-            await asyncio.gather(*(client.post(f"{server.url}/textgen/predict", json=TEXT) for _ in range(4)))
-
-    asyncio.run(four_at_once())
+    predict_at_once(server, "textgen", [TEXT] * 4)
     time.sleep(1.0)  # the cancelled stream is counted when its worker notices the client left
     after = samples(server)
 

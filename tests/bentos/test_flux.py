@@ -12,7 +12,7 @@ import httpx
 from PIL import Image
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server
+from tests.conftest import Server, predict_at_once
 
 BASE = {"model_type": "diffusion", "prompt": "a red fox in snow", "height": 64, "width": 64, "num_inference_steps": 4}
 
@@ -141,11 +141,7 @@ def test_a_request_that_fails_or_is_refused_late_fails_alone_in_its_batch(server
     mates = [0, 1, 4, 6]
     alone = {i: predict(server, bodies[i]).json()["image_b64"] for i in mates}
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/flux/predict", json=b) for b in bodies))
-
-    responses = asyncio.run(all_at_once())
+    responses = predict_at_once(server, "flux", bodies, timeout=300)
     assert [r.status_code for r in responses] == [200, 200, 500, 422, 200, 422, 200]
     assert responses[2].json() == {"detail": "InjectedFault: injected for this request"}
     assert [responses[i].json()["detail"][0]["loc"] for i in (3, 5)] == [["body", "adapters"], ["body", "height"]]

@@ -1,7 +1,6 @@
 """The forecast deployment end to end: Feast lookups on predict and stream, the predict cache,
 and a real Redis online store that goes away and comes back."""
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from sheaf.api import FeatureRef
 from sheaf.features import create_demo_repo, demo_series, write_history
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, free_port, serve
+from tests.conftest import Server, free_port, predict_at_once, serve
 
 BASE: dict[str, Any] = {"model_type": "time_series", "horizon": 12, "frequency": "1h"}
 REF = {"feature_view": "series_history", "feature_name": "values", "entity_key": "series_id"}
@@ -85,11 +84,7 @@ def test_mixed_horizons_share_one_batch_and_match_their_answers_alone(server: Se
     alone = [predict(server, body).json()["mean"] for body in bodies]
     batched = [{**body, "model_name": "batched"} for body in bodies]  # not the cached answers of the runs alone
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/forecast/predict", json=b) for b in batched))
-
-    answers = [response.json() for response in asyncio.run(all_at_once())]
+    answers = [response.json() for response in predict_at_once(server, "forecast", batched)]
     assert [len(answer["mean"]) for answer in answers] == [body["horizon"] for body in bodies]
     assert [answer["horizon"] for answer in answers] == [body["horizon"] for body in bodies]
     assert max(answer["metadata"]["batch_size"] for answer in answers) > 1
@@ -105,11 +100,7 @@ def test_a_request_that_fails_or_is_refused_late_fails_alone_in_its_batch(server
     # Alone under another model_name, so that the batch below is not answered from the cache.
     alone = {i: predict(server, {**bodies[i], "model_name": "alone"}).json()["mean"] for i in mates}
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/forecast/predict", json=b) for b in bodies))
-
-    responses = asyncio.run(all_at_once())
+    responses = predict_at_once(server, "forecast", bodies)
     assert [r.status_code for r in responses] == [200, 500, 200, 200, 422, 200]
     assert responses[1].json() == {"detail": "InjectedFault: injected for this request"}
     assert responses[4].json()["detail"][0]["loc"] == ["body", "horizon"]

@@ -1,6 +1,5 @@
 """The whisper deployment end to end: a real server on the real whisper tiny.en weights."""
 
-import asyncio
 import base64
 import re
 import time
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, serve, speak
+from tests.conftest import Server, predict_at_once, serve, speak
 
 SENTENCES = "I would like a cup of coffee. Please call me tomorrow morning. The children are playing in the garden."
 
@@ -94,11 +93,7 @@ def test_bad_clips_fail_alone_in_their_batch(server: Server, speech: str) -> Non
     bodies[5]["audio_b64"] = BAD["not base64"]
     bodies[6]["model_name"] = "fail-in-batch"  # decoded with the rest, then it fails
 
-    async def all_at_once() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/whisper/predict", json=b) for b in bodies))
-
-    responses = asyncio.run(all_at_once())
+    responses = predict_at_once(server, "whisper", bodies, timeout=300)
     assert [r.status_code for r in responses] == [200, 200, 422, 200, 200, 422, 500, 200]
     assert responses[6].json() == {"detail": "InjectedFault: injected for this request"}
     texts = {r.json()["text"] for r in responses if r.status_code == 200}
