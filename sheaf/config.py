@@ -49,12 +49,14 @@ class ModelSource(_Strict):
 
 
 class Batching(_Strict):
-    """BentoML adaptive batching. It decides by itself how long to wait to fill a batch;
-    `max_latency_ms` is a budget, not a window: a request whose queue wait plus the expected
-    batch time passes it is refused with 503, so keep it above the slowest full batch."""
+    """Adaptive batching, in the entry service (`sheaf.batching`): a batch leaves as soon as a
+    worker is free, with every predict that came while all were busy, up to `max_batch_size`.
+    There is no window to tune: at low load a predict waits for nothing."""
 
     max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
-    max_latency_ms: int = Field(60_000, ge=1)
+    max_latency_ms: int = Field(
+        60_000, ge=1, description="The longest a predict waits queued for a free worker; then 503 with Retry-After."
+    )
 
 
 class Limits(_Strict):

@@ -1,9 +1,10 @@
 """The entry service's routes: every deployment behind one host and port, per the wire contract.
 
-For each deployment the gateway holds a `bentoml.depends` proxy and serves
+For each deployment the gateway declares a `bentoml.depends` (BentoML runs it and says
+where it listens; `sheaf.upstream` calls it) and serves
 
-- `POST /{name}/predict`: one request, forwarded to the deployment's batchable
-  `predict_batch` (concurrent calls are merged into batches there);
+- `POST /{name}/predict`: one request, merged with concurrent ones into one call of the
+  deployment's `predict_batch` (`sheaf.batching`);
 - `POST /{name}/stream`: the deployment's SSE frames, relayed whole as they arrive;
 - `POST /{name}/batch`: a list of requests the caller batched itself, answered with one
   `{"status", "body"}` outcome per request, in order;
@@ -17,13 +18,12 @@ contract's 422 `{"detail": [...]}` instead.
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlparse
 
 import bentoml
-import httpx
 import pydantic_core
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,7 +31,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sheaf import upstream
 from sheaf.api.base import BaseRequest
+from sheaf.batching import Batcher, QueueFull
 from sheaf.config import DeploymentConfig, Limits
 from sheaf.deployment import Outcome, error_outcome
 from sheaf.logs import show_sheaf_logs
@@ -64,7 +66,7 @@ def gateway_routes(*deployments: bentoml.Service[Any] | None) -> type:
 def serve_contract(gateway: bentoml.Service[Any]) -> None:
     """Add the GET probes, the 413 for oversized bodies and the 422 for invalid ones to the entry service."""
     deployments = {name: dependency.on for name, dependency in gateway.dependencies.items()}
-    gateway.mount_asgi_app(_probes(list(deployments)), path="/", name="probes")
+    gateway.mount_asgi_app(_probes(deployments), path="/", name="probes")
     gateway.add_asgi_middleware(ValidationErrorsAs422)
     limits = {
         f"/{name}/{route}": int(service.inner.deployment_config.max_body_mb * 1024 * 1024)
@@ -84,32 +86,45 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
     request_model: type[BaseRequest[Any]] = deployment.inner.request_model
     config: DeploymentConfig = deployment.inner.deployment_config
     gate = Gate(config.limits)
+    limit = config.batching.max_batch_size
 
-    async def forward(self: Any, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+    async def send(requests: list[BaseRequest[Any]]) -> list[Outcome]:
         """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
         budget = max(config.timeout_for(request.timeout_s) for request in requests)
-        bodies = [request.model_dump(mode="json") for request in requests]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
+        deadline = time.monotonic() + budget
         for attempt in (1, 2):
             try:
-                call = getattr(self, name).to_async.predict_batch(bodies)
-                outcomes: list[Outcome] = await asyncio.wait_for(call, deadline - loop.time())
-                return outcomes
+                return await upstream.predict_batch(deployment, requests, deadline - time.monotonic())
             except TimeoutError:
-                return [error_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
-            except Exception as exc:  # BentoML's own refusals (503 past max_latency_ms), or a broken connection
-                status = getattr(exc, "error_code", None)
+                return [_past_deadline(budget)] * len(requests)
+            except Exception as exc:  # the deployment refused, or a pooled connection to it broke
+                status = getattr(exc, "status", None)
                 logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
                 if status is None and attempt == 1:
-                    continue  # a pooled connection to the deployment broke; predicts are safe to send again
-                return [error_outcome(int(status) if status else 502, f"deployment {name}: {exc}")] * len(requests)
+                    continue  # predicts are safe to send again
+                return [error_outcome(status or 502, f"deployment {name}: {exc}")] * len(requests)
         raise AssertionError("unreachable")
+
+    queue_s = config.batching.max_latency_ms / 1000
+    batcher = Batcher(send, max_batch_size=limit, slots=config.workers, max_queue_s=queue_s) if limit > 1 else None
+
+    async def forward(requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        """`requests` answered together, in one batch with other callers' when batching is on."""
+        if batcher is None:
+            return await send(requests)
+        budget = max(config.timeout_for(request.timeout_s) for request in requests)
+        try:
+            return await asyncio.wait_for(batcher.submit(requests), budget)
+        except TimeoutError:
+            return [_past_deadline(budget)] * len(requests)
+        except QueueFull as exc:
+            retry = config.limits.retry_after_s
+            return [error_outcome(503, f"deployment {name} is busy: {exc}; retry after {retry} s")] * len(requests)
 
     @typed(request=request_model, **{"return": request_model.response_model})
     async def predict(self: Any, request: BaseRequest[Any], /) -> Any:
         with gate.predicts(1) as admitted:
-            (outcome,) = await forward(self, [request]) if admitted else [gate.full("predict requests")]
+            (outcome,) = await forward([request]) if admitted else [gate.full("predict requests")]
         return _response(outcome, config)
 
     @typed(request=request_model)
@@ -119,11 +134,9 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
                 full = gate.full("streams")
                 yield _http_error(ctx, full["status"], full["body"], config)
                 return
-            frames = _upstream_stream(deployment, request.model_dump(mode="json"))
+            frames = upstream.stream(deployment, request)
             async for chunk in _relay(frames, ctx, config):
                 yield chunk
-
-    limit = config.batching.max_batch_size
 
     @typed(requests=list[request_model])  # type: ignore[valid-type]
     async def batch(self: Any, requests: list[BaseRequest[Any]], /) -> Any:
@@ -135,7 +148,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
         with gate.predicts(len(requests)) as admitted:
             if not admitted:
                 return _response(gate.full("predict requests"), config)
-            return await forward(self, requests)
+            return await forward(requests)
 
     return {
         f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
@@ -179,6 +192,10 @@ class Gate:
         return error_outcome(503, f"this deployment is full ({limit} {what}); retry after {retry} s")
 
 
+def _past_deadline(budget: float) -> Outcome:
+    return error_outcome(504, f"no answer within the deadline of {budget:g} s")
+
+
 def _response(outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
     return JSONResponse(outcome["body"], status_code=outcome["status"], headers=_retry_after(outcome["status"], config))
 
@@ -186,39 +203,6 @@ def _response(outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
 def _retry_after(status: int, config: DeploymentConfig) -> dict[str, str]:
     """Every 429 and 503 says when to come back."""
     return {"retry-after": str(config.limits.retry_after_s)} if status in (429, 503) else {}
-
-
-_stream_clients: dict[str, httpx.AsyncClient] = {}
-
-
-def _stream_client(deployment: bentoml.Service[Any]) -> httpx.AsyncClient:
-    """A client of our own for a deployment's streams.
-
-    BentoML's dependency proxy never closes a stream response its caller abandons, so
-    the deployment would go on generating for a client that is gone. Closing our own
-    response closes the connection, and the deployment's stream is cancelled.
-    """
-    client = _stream_clients.get(deployment.name)
-    if client is None:
-        url = deployment.url
-        if url is None:
-            raise RuntimeError(f"deployment {deployment.name} is not being served")
-        timeout = httpx.Timeout(deployment.config.get("traffic", {}).get("timeout") or 300, connect=10)
-        if url.startswith("file://"):
-            transport = httpx.AsyncHTTPTransport(uds=urlparse(url).path)
-            client = httpx.AsyncClient(transport=transport, base_url="http://deployment", timeout=timeout)
-        else:
-            client = httpx.AsyncClient(base_url=url, timeout=timeout)
-        _stream_clients[deployment.name] = client
-    return client
-
-
-async def _upstream_stream(deployment: bentoml.Service[Any], request: dict[str, Any]) -> AsyncGenerator[str, None]:
-    """The deployment's `stream` API as text chunks, as they arrive."""
-    async with _stream_client(deployment).stream("POST", "/stream", json={"request": request}) as response:
-        response.raise_for_status()
-        async for text in response.aiter_text():
-            yield text
 
 
 async def _relay(
@@ -271,21 +255,20 @@ def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any], config:
     return json.dumps(body)
 
 
-def _probes(names: list[str]) -> Starlette:
+def _probes(deployments: dict[str, bentoml.Service[Any]]) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> JSONResponse:
         name = request.url.path.split("/")[1]
         try:
-            proxy = getattr(bentoml.get_current_service(), name)
-            outcome = await proxy.to_async.ready()
+            outcome = await upstream.ready(deployments[name])
         except Exception as exc:  # the deployment's process is not up (yet)
             outcome = error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
         return JSONResponse(outcome["body"], status_code=outcome["status"])
 
-    routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in names]
-    routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in names]
+    routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in deployments]
+    routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in deployments]
     return Starlette(routes=routes)
 
 

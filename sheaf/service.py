@@ -1,8 +1,8 @@
 """BentoML glue for one deployment: a `sheaf.deployment.Deployment` served as a BentoML service.
 
 The service is internal: the gateway (`sheaf.gateway`) faces clients. It offers
-`predict_batch` (batchable: BentoML's adaptive batching merges the gateway's single
-requests into one call), `stream` (SSE frames) and `ready`. This module imports no model
+`predict_batch` (the batches that the gateway's `sheaf.batching` makes), `stream` (SSE
+frames) and `ready`. This module imports no model
 code: the backend is imported and loaded inside the worker.
 """
 
@@ -21,7 +21,6 @@ from sheaf.logs import show_sheaf_logs
 
 F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_MARGIN_S = 30.0
-NEVER_REQUESTS, NEVER_AGE_S = 2**62, 1e12
 # Named, so that BentoML does not build the output's JSON schema on every response to learn it.
 JSON = ContentType("application/json")
 
@@ -44,9 +43,6 @@ def deployment_service(
         return None
     config = load_config(path, options)
     request_model_ = request_model
-    # BentoML refuses a batchable API with max_batch_size 1: that setting means batching off.
-    size, latency = config.batching.max_batch_size, config.batching.max_latency_ms
-    batching = {"batchable": True, "max_batch_size": size, "max_latency_ms": latency} if size > 1 else {}
 
     class Service:
         request_model = request_model_
@@ -58,7 +54,7 @@ def deployment_service(
             self.deployment = Deployment(config, backend)
             self.deployment.start()
 
-        @bentoml.api(**batching)
+        @bentoml.api
         @typed(requests=list[request_model])  # type: ignore[valid-type]
         async def predict_batch(self, requests: list[BaseRequest[Any]]) -> Annotated[list[Outcome], JSON]:
             return await self.deployment.predict(requests)
@@ -82,12 +78,10 @@ def deployment_service(
         resources=resources,
         # Past the deadlines that sheaf enforces itself (504), so that BentoML's never cuts in first.
         traffic={"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
-        # The gateway logs each request's access line; a second one per hop costs CPU and says nothing new.
+        # The gateway logs and counts each request; doing it again per hop costs CPU and says
+        # nothing new. (sheaf's own series, `sheaf.metrics`, are recorded here all the same.)
         logging={"access": {"enabled": False}},
-        # BentoML's client renews its connection pool every 100 requests by closing the old pool,
-        # which breaks the calls still in flight on it (seen under load: "Server disconnected",
-        # and a predict left waiting until its deadline). Never renew it.
-        runner_connection={"max_requests": NEVER_REQUESTS, "max_age": NEVER_AGE_S},
+        metrics={"enabled": False},
     )(Service)
 
 

@@ -46,7 +46,8 @@ ResponseT = TypeVar("ResponseT", bound=BaseResponse)
 class BaseRequest(WireModel, Generic[ResponseT]):
     """A request to one deployment, typed by the response it gets. Unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities go to the deployment as JSON's usual extension, as the caller sent them.
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
 
     response_model: ClassVar[type[BaseResponse]]
 

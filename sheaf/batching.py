@@ -1,0 +1,108 @@
+"""Adaptive batching: concurrent predicts for one deployment leave as one call.
+
+A batch leaves as soon as one of the deployment's `slots` is free (one per worker), with
+every request that arrived while they were all busy, up to `max_batch_size` items. So a
+lone request waits for nothing, and under load the batches grow with the queue: the batch
+size follows the load with no window to tune. A group of items (one `/batch` call) always
+leaves whole, in one batch.
+
+A request still queued after `max_queue_s` is refused (`QueueFull`); a request whose caller
+gives up while it is queued leaves the queue and is never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+class QueueFull(Exception):
+    """No slot freed up for the request within `max_queue_s`."""
+
+
+@dataclass
+class _Group(Generic[Item, Answer]):
+    items: list[Item]
+    sent: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    answers: asyncio.Future[list[Answer]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher(Generic[Item, Answer]):
+    def __init__(
+        self,
+        send: Callable[[list[Item]], Awaitable[list[Answer]]],
+        *,
+        max_batch_size: int,
+        slots: int,
+        max_queue_s: float,
+    ) -> None:
+        """`send` answers a batch, one answer per item in order; it should not raise (an
+        exception fails every group of its batch)."""
+        self.send = send
+        self.max_batch_size = max_batch_size
+        self.slots = slots
+        self.max_queue_s = max_queue_s
+        self.busy = 0
+        self.queue: deque[_Group[Item, Answer]] = deque()
+        self.running: set[asyncio.Task[None]] = set()  # held, or the loop may collect a running batch
+
+    async def submit(self, items: list[Item]) -> list[Answer]:
+        """The answers to `items`, sent in one batch, possibly with other callers' items."""
+        if len(items) > self.max_batch_size:
+            raise ValueError(f"{len(items)} items in one group, more than max_batch_size ({self.max_batch_size})")
+        group: _Group[Item, Answer] = _Group(items)
+        self.queue.append(group)
+        self._dispatch()
+        try:
+            if not group.sent.done():  # no slot free: wait for one
+                await asyncio.wait_for(asyncio.shield(group.sent), self.max_queue_s)
+        except TimeoutError:
+            raise QueueFull(f"no batch slot for {self.max_queue_s:g} s") from None
+        finally:
+            if not group.sent.done():  # given up while queued (refused, or the caller was cancelled)
+                group.sent.cancel()
+        return await asyncio.shield(group.answers)
+
+    def _dispatch(self) -> None:
+        while self.busy < self.slots and self.queue:
+            batch: list[_Group[Item, Answer]] = []
+            size = 0
+            while self.queue and size + len(self.queue[0].items) <= self.max_batch_size:
+                group = self.queue.popleft()
+                if group.sent.done():  # its caller has gone
+                    continue
+                group.sent.set_result(None)
+                batch.append(group)
+                size += len(group.items)
+            if not batch:
+                continue
+            self.busy += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _run(self, batch: list[_Group[Item, Answer]]) -> None:
+        try:
+            items = [item for group in batch for item in group.items]
+            answers = await self.send(items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"{len(answers)} answers for {len(items)} items")
+            start = 0
+            for group in batch:
+                group.answers.set_result(answers[start : start + len(group.items)])
+                start += len(group.items)
+        except Exception as exc:
+            for group in batch:
+                if not group.answers.done():
+                    group.answers.set_exception(exc)
+        finally:
+            for group in batch:  # cancelled itself (the loop is closing): nobody is left waiting
+                group.answers.cancel()
+            self.busy -= 1
+            self._dispatch()

@@ -1,0 +1,97 @@
+"""How the entry service reaches a deployment's process: its own HTTP clients, one pair per deployment.
+
+`bentoml.depends` still declares the deployments (BentoML starts them and says where they
+listen), but the calls go through these clients:
+
+- predicts and readiness: aiohttp, with the batch encoded once by pydantic. BentoML's
+  dependency proxy re-encodes every request through its own serde layers, which cost more
+  than the HTTP, and it renews its connection pool every 100 calls by closing the old one,
+  breaking the calls in flight on it.
+- streams: httpx. BentoML's proxy never closes a stream response its caller abandons, so the
+  deployment would go on generating for a client that is gone; closing our own response
+  closes the connection, and the deployment's stream is cancelled.
+"""
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import bentoml
+import httpx
+from pydantic import BaseModel
+
+CONNECT_TIMEOUT_S = 10
+READY_TIMEOUT_S = 5
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class UpstreamError(Exception):
+    """The deployment answered a predict with an HTTP error of its own."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+
+
+_sessions: dict[str, aiohttp.ClientSession] = {}
+_stream_clients: dict[str, httpx.AsyncClient] = {}
+
+
+def _address(deployment: bentoml.Service[Any]) -> tuple[str, str | None]:
+    """The base URL to send to, and the Unix socket to send it through (local serving uses one)."""
+    url = deployment.url
+    if url is None:
+        raise RuntimeError(f"deployment {deployment.name} is not being served")
+    if url.startswith("file://"):
+        return "http://deployment", urlparse(url).path
+    return url, None
+
+
+def _session(deployment: bentoml.Service[Any]) -> aiohttp.ClientSession:
+    session = _sessions.get(deployment.name)
+    if session is None or session.closed:
+        base, socket = _address(deployment)
+        connector = aiohttp.UnixConnector(path=socket, limit=0) if socket else aiohttp.TCPConnector(limit=0)
+        session = _sessions[deployment.name] = aiohttp.ClientSession(base, connector=connector)
+    return session
+
+
+async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout_s: float) -> Any:
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
+    async with _session(deployment).post(f"/{api}", data=body, headers=JSON_HEADERS, timeout=timeout) as response:
+        if response.status != 200:
+            raise UpstreamError(response.status, (await response.text())[:500])
+        return await response.json(content_type=None)
+
+
+async def predict_batch(
+    deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float
+) -> list[dict[str, Any]]:
+    """The deployment's `predict_batch` outcomes for `requests`, in order."""
+    body = b'{"requests":[' + b",".join(request.model_dump_json().encode() for request in requests) + b"]}"
+    outcomes: list[dict[str, Any]] = await _call(deployment, "predict_batch", body, timeout_s)
+    return outcomes
+
+
+async def ready(deployment: bentoml.Service[Any]) -> dict[str, Any]:
+    """The deployment's `ready` outcome."""
+    outcome: dict[str, Any] = await _call(deployment, "ready", b"{}", READY_TIMEOUT_S)
+    return outcome
+
+
+async def stream(deployment: bentoml.Service[Any], request: BaseModel) -> AsyncGenerator[str, None]:
+    """The deployment's `stream` API as text chunks, as they arrive."""
+    client = _stream_clients.get(deployment.name)
+    if client is None:
+        base, socket = _address(deployment)
+        timeout = httpx.Timeout(deployment.config.get("traffic", {}).get("timeout") or 300, connect=CONNECT_TIMEOUT_S)
+        transport = httpx.AsyncHTTPTransport(uds=socket) if socket else None
+        client = _stream_clients[deployment.name] = httpx.AsyncClient(
+            transport=transport, base_url=base, timeout=timeout
+        )
+    body = b'{"request":' + request.model_dump_json().encode() + b"}"
+    async with client.stream("POST", "/stream", content=body, headers=JSON_HEADERS) as response:
+        response.raise_for_status()
+        async for text in response.aiter_text():
+            yield text
