@@ -19,7 +19,7 @@ import platform
 import sys
 import tempfile
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ SPEECH = "please send me the report by tomorrow morning"
 
 @dataclass
 class Results:
-    overhead: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # served, raw: (p50, p99)
+    # served, raw, empty round trip: (p50, p99)
+    overhead: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     rates: dict[tuple[str, bool, int], float] = field(default_factory=dict)
     delivery: dict[str, Delivery] = field(default_factory=dict)
     cancellation: dict[str, Cancellation] = field(default_factory=dict)
@@ -104,7 +105,8 @@ def long_requests(work: Path) -> dict[str, dict[str, Any]]:
 
 
 def overhead_ms(server: Server, folder: Path, name: str, body: dict[str, Any]) -> list[tuple[float, float]]:
-    """p50 and p99 of `/predict` and of the same request through the backend in this process."""
+    """p50 and p99 of `/predict`, of the same request through the backend in this process, and
+    of `GET /{name}/ready`: an empty round trip through the same two hops, the floor of any predict."""
     backend = import_string(f"bench.stamped:{BACKENDS[name]}")(load_config(folder / f"{name}.yaml"))
     backend.load()
     request = backend.request_model.model_validate(body)
@@ -114,15 +116,22 @@ def overhead_ms(server: Server, folder: Path, name: str, body: dict[str, Any]) -
     connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=120)
     data, headers = json.dumps(body).encode(), {"content-type": "application/json"}
 
-    def predict() -> None:
-        connection.request("POST", f"/{name}/predict", body=data, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{name} predict answered {response.status}")
+    def call(method: str, path: str, body: bytes | None = None) -> Callable[[], None]:
+        def send() -> None:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{method} {path} answered {response.status}")
+
+        return send
 
     try:
-        return latency_ms(predict, lambda: backend.predict_batch([request]))
+        return latency_ms(
+            call("POST", f"/{name}/predict", data),
+            lambda: backend.predict_batch([request]),
+            call("GET", f"/{name}/ready"),
+        )
     finally:
         connection.close()
 
@@ -199,12 +208,15 @@ def report(results: Results) -> str:
         "",
         "## Overhead of /predict over the raw backend call (concurrency 1, ms)",
         "",
-        "| deployment | served p50 | raw p50 | overhead p50 | served p99 | raw p99 | overhead p99 |",
-        "|---|---|---|---|---|---|---|",
+        "Empty round trip: `GET /{name}/ready`, through the same two processes with no model work.",
+        "",
+        "| deployment | served p50 | raw p50 | overhead p50 | served p99 | raw p99 | overhead p99 "
+        "| empty round trip p50 |",
+        "|---|---|---|---|---|---|---|---|",
         *(
             f"| {name} | {served[0]:.2f} | {raw[0]:.2f} | {served[0] - raw[0]:.2f} "
-            f"| {served[1]:.2f} | {raw[1]:.2f} | {served[1] - raw[1]:.2f} |"
-            for name, (served, raw) in results.overhead.items()
+            f"| {served[1]:.2f} | {raw[1]:.2f} | {served[1] - raw[1]:.2f} | {empty[0]:.2f} |"
+            for name, (served, raw, empty) in results.overhead.items()
         ),
         "",
         "## Throughput (requests/s, closed loop), adaptive batching on and off",
@@ -235,10 +247,11 @@ def report(results: Results) -> str:
         "",
         "## Cancellation: the client drops a stream after two events",
         "",
-        "| deployment | drop to model stopped, ms | longest step, ms | events produced after the drop (most) |",
-        "|---|---|---|---|",
+        "| deployment | drop to model stopped, ms | step, ms (median) | longest step, ms "
+        "| events produced after the drop (most) |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | {c.stop_ms:.1f} | {c.step_ms:.1f} | {c.events_after_drop} |"
+            f"| {name} | {c.stop_ms:.1f} | {c.step_ms:.1f} | {c.longest_step_ms:.1f} | {c.events_after_drop} |"
             for name, c in results.cancellation.items()
         ),
         "",

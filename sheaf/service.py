@@ -2,8 +2,8 @@
 
 The service is internal: the gateway (`sheaf.gateway`) faces clients. It offers
 `predict_batch` (the batches that the gateway's `sheaf.batching` makes), `stream` (SSE
-frames) and `ready`. This module imports no model
-code: the backend is imported and loaded inside the worker.
+frames) and `ready`. This module imports no model code: the backend is imported and loaded
+inside the worker.
 """
 
 from collections.abc import AsyncGenerator, Callable

@@ -247,8 +247,8 @@ def test_predicts_past_max_pending_get_a_fast_503_with_retry_after(server: Serve
 
 
 def test_hundreds_of_concurrent_predicts_all_reach_the_deployment_on_the_first_try(server: Server) -> None:
-    # BentoML's own client renews its connection pool every 100 requests, breaking the calls in
-    # flight on it; sheaf turns that off, so not one call here should need the retry.
+    # BentoML's own client renewed its connection pool every 100 requests, breaking the calls in
+    # flight on it; sheaf's client keeps its connections, so not one call here should need the retry.
     logged_before = len(server.log_text())
 
     bodies = [{"model_type": "time_series", "history": [float(i), 1.0, 2.0, 3.0], "horizon": 2} for i in range(320)]
