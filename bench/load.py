@@ -6,7 +6,8 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +53,7 @@ def latency_ms(*calls: Callable[[], object]) -> list[tuple[float, float]]:
 
 async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int) -> float:
     """Requests per second with `concurrency` clients each sending as soon as its last answer came."""
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(300)) as session:
-        post = poster(session, name, body)
+    async with predicts(url, name, body, connections=concurrency, timeout_s=300) as post:
 
         async def worker(until: float) -> int:
             done = 0
@@ -73,17 +72,24 @@ async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int
     return statistics.median(rates)
 
 
-def poster(session: aiohttp.ClientSession, name: str, body: dict[str, Any]) -> Callable[[], Awaitable[int]]:
-    """A predict of `body`, encoded once: the load generator shares the cores with the server,
-    so it spends as little of them as it can."""
+@asynccontextmanager
+async def predicts(
+    url: str, name: str, body: dict[str, Any], *, connections: int, timeout_s: float
+) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """Send a predict of `body`, answer its status; at most `connections` at once (0: no limit).
+
+    The body is encoded once: the load generator shares the cores with the server, so it
+    spends as little of them as it can."""
     data, headers = json.dumps(body).encode(), {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(timeout_s)) as session:
 
-    async def post() -> int:
-        async with session.post(f"/{name}/predict", data=data, headers=headers) as response:
-            await response.read()
-            return response.status
+        async def post() -> int:
+            async with session.post(f"/{name}/predict", data=data, headers=headers) as response:
+                await response.read()
+                return response.status
 
-    return post
+        yield post
 
 
 @dataclass
@@ -102,9 +108,7 @@ async def open_loop(url: str, name: str, body: dict[str, Any], rate: float) -> L
     count = max(LOAD_REQUESTS, round(rate * LOAD_SECONDS))
     latencies: list[float] = []
     errors = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(60)) as session:
-        post = poster(session, name, body)
+    async with predicts(url, name, body, connections=0, timeout_s=60) as post:
 
         async def one(at: float) -> None:
             nonlocal errors

@@ -127,9 +127,10 @@ class DeploymentConfig(_Strict):
         cpu = self.resources.cpu
         return max(1, math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
 
-    def timeout_for(self, requested: float | None) -> float:
-        """A request's deadline in seconds: its own `timeout_s`, capped by this deployment's."""
-        return min(requested or self.timeout_s, self.timeout_s)
+    def timeout_for(self, *requested: float | None) -> float:
+        """A request's deadline in seconds: its own `timeout_s`, capped by this deployment's.
+        Given a batch's, the longest of them: the batch runs until its last caller gives up."""
+        return max(min(own or self.timeout_s, self.timeout_s) for own in requested)
 
 
 def config_dir() -> Path:

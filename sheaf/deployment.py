@@ -129,7 +129,7 @@ class Deployment:
     async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
         # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
         cancel = threading.Event()
-        budget = max(self.config.timeout_for(r.timeout_s) for r in requests)
+        budget = self.config.timeout_for(*(r.timeout_s for r in requests))
         timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         try:
             results = await asyncio.to_thread(self.backend.predict_batch, requests, cancel)

@@ -90,7 +90,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
 
     async def send(requests: list[BaseRequest[Any]]) -> list[Outcome]:
         """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
-        budget = max(config.timeout_for(request.timeout_s) for request in requests)
+        budget = config.timeout_for(*(request.timeout_s for request in requests))
         deadline = time.monotonic() + budget
         for attempt in (1, 2):
             try:
@@ -112,7 +112,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
         """`requests` answered together, in one batch with other callers' when batching is on."""
         if batcher is None:
             return await send(requests)
-        budget = max(config.timeout_for(request.timeout_s) for request in requests)
+        budget = config.timeout_for(*(request.timeout_s for request in requests))
         try:
             return await asyncio.wait_for(batcher.submit(requests), budget)
         except TimeoutError:

@@ -32,6 +32,9 @@ class Deployment:
         finally:
             self.in_flight -= 1
 
+    def batcher(self, *, max_batch_size: int = 8, slots: int = 1, max_queue_s: float = 60) -> Batcher[str, str]:
+        return Batcher(self.send, max_batch_size=max_batch_size, slots=slots, max_queue_s=max_queue_s)
+
 
 def run(test: Callable[[Deployment], Awaitable[T]]) -> T:
     async def main() -> T:
@@ -45,9 +48,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def occupy(batcher: Batcher[str, str]) -> asyncio.Future[list[str]]:
+    """Submit `a`, which takes the only slot until the deployment is released."""
+    first = asyncio.ensure_future(batcher.submit(["a"]))
+    await settle()
+    return first
+
+
 def test_a_lone_request_leaves_at_once_in_a_batch_of_its_own() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=8, slots=1, max_queue_s=60)
+        batcher = deployment.batcher()
         deployment.release.set()
         assert await asyncio.wait_for(batcher.submit(["a"]), 1) == ["A"]
         assert deployment.batches == [["a"]]
@@ -57,9 +67,8 @@ def test_a_lone_request_leaves_at_once_in_a_batch_of_its_own() -> None:
 
 def test_requests_that_come_while_the_slot_is_busy_leave_together_in_order_and_groups_stay_whole() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=4, slots=1, max_queue_s=60)
-        first = asyncio.ensure_future(batcher.submit(["a"]))
-        await settle()
+        batcher = deployment.batcher(max_batch_size=4)
+        first = await occupy(batcher)
         later = [asyncio.ensure_future(batcher.submit(group)) for group in (["b"], ["c", "d"], ["e", "f", "g"])]
         await settle()
         assert deployment.batches == [["a"]]  # the rest wait for the slot
@@ -75,7 +84,7 @@ def test_requests_that_come_while_the_slot_is_busy_leave_together_in_order_and_g
 
 def test_each_slot_carries_one_batch_at_a_time() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=8, slots=2, max_queue_s=60)
+        batcher = deployment.batcher(slots=2)
         waiting = [asyncio.ensure_future(batcher.submit([item])) for item in "abcde"]
         await settle()
         assert deployment.batches == [["a"], ["b"]]  # a slot each; the rest wait for one to free up
@@ -89,9 +98,8 @@ def test_each_slot_carries_one_batch_at_a_time() -> None:
 
 def test_a_caller_that_gives_up_while_queued_is_never_sent() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=8, slots=1, max_queue_s=60)
-        first = asyncio.ensure_future(batcher.submit(["a"]))
-        await settle()
+        batcher = deployment.batcher()
+        first = await occupy(batcher)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(batcher.submit(["gone"]), 0.05)
         kept = asyncio.ensure_future(batcher.submit(["b"]))
@@ -104,9 +112,8 @@ def test_a_caller_that_gives_up_while_queued_is_never_sent() -> None:
 
 def test_a_request_queued_past_max_queue_s_is_refused_and_never_sent() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=8, slots=1, max_queue_s=0.05)
-        first = asyncio.ensure_future(batcher.submit(["a"]))
-        await settle()
+        batcher = deployment.batcher(max_queue_s=0.05)
+        first = await occupy(batcher)
         with pytest.raises(QueueFull, match=r"no batch slot for 0\.05 s"):
             await batcher.submit(["late"])
         deployment.release.set()
@@ -119,9 +126,8 @@ def test_a_request_queued_past_max_queue_s_is_refused_and_never_sent() -> None:
 
 def test_a_failed_batch_fails_its_own_callers_only() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=2, slots=1, max_queue_s=60)
-        first = asyncio.ensure_future(batcher.submit(["a"]))
-        await settle()
+        batcher = deployment.batcher(max_batch_size=2)
+        first = await occupy(batcher)
         doomed = [asyncio.ensure_future(batcher.submit([item])) for item in ("boom", "b")]
         spared = asyncio.ensure_future(batcher.submit(["c"]))
         deployment.release.set()
@@ -148,7 +154,7 @@ def test_an_answer_list_of_the_wrong_length_is_an_error_not_a_silent_shift() -> 
 
 def test_a_group_larger_than_a_batch_is_refused() -> None:
     async def test(deployment: Deployment) -> None:
-        batcher = Batcher(deployment.send, max_batch_size=2, slots=1, max_queue_s=60)
+        batcher = deployment.batcher(max_batch_size=2)
         with pytest.raises(ValueError, match="more than max_batch_size"):
             await batcher.submit(["a", "b", "c"])
 

@@ -297,6 +297,8 @@ def test_a_request_cannot_ask_for_more_time_than_its_deployment_gives() -> None:
     assert config.timeout_for(5) == 5
     assert config.timeout_for(500) == 30
     assert config.timeout_for(None) == 30
+    assert config.timeout_for(5, None, 12) == 30  # a batch runs until its last caller's deadline
+    assert config.timeout_for(5, 12) == 12
 
 
 def test_a_quiet_started_stream_gets_heartbeats_that_clients_skip(server: Server) -> None:
