@@ -11,7 +11,7 @@ from typing import Any
 import bentoml
 
 import bentos
-from sheaf.config import ConfigError, config_dir
+from sheaf.config import SERVER_CONFIG_FILE, ConfigError, config_dir
 from sheaf.gateway import gateway_routes, serve_contract
 from sheaf.service import TIMEOUT_MARGIN_S
 
@@ -30,7 +30,7 @@ def _deployments() -> list[bentoml.Service[Any]]:
         for service in vars(module).values()
         if isinstance(service, bentoml.Service)
     ]
-    served = {service.inner.config_path.name for service in services}
+    served = {service.inner.config_path.name for service in services} | {SERVER_CONFIG_FILE}
     unused = sorted(path.name for path in folder.glob("*.yaml") if path.name not in served)
     if unused:  # most likely a typo in the file name: say so rather than serve without it
         raise SystemExit(f"sheaf: config error: {folder}: no service module reads {', '.join(unused)}")

@@ -73,6 +73,8 @@ class Cache(_Strict):
     enabled: bool = False
     max_entries: int = Field(1024, ge=1)
     ttl_s: float = Field(60.0, gt=0)
+    max_mb: float = Field(64.0, gt=0, description="Memory budget for all entries; the oldest go first past it.")
+    max_entry_mb: float = Field(1.0, gt=0, description="Answers larger than this are not kept.")
 
 
 class FeatureStore(_Strict):
@@ -131,6 +133,41 @@ class DeploymentConfig(_Strict):
         """A request's deadline in seconds: its own `timeout_s`, capped by this deployment's.
         Given a batch's, the longest of them: the batch runs until its last caller gives up."""
         return max(min(own or self.timeout_s, self.timeout_s) for own in requested)
+
+
+SERVER_CONFIG_FILE = "sheaf.yaml"
+"""The entry service's own settings, beside the deployment configs; optional."""
+
+
+class Auth(_Strict):
+    """An API key on every route (`Authorization: Bearer KEY`), read from the environment."""
+
+    api_key_env: str = Field("SHEAF_API_KEY", description="The variable that holds the key; unset: no key asked.")
+    required: bool = Field(False, description="Refuse to start when that variable is unset.")
+    open_probes: bool = Field(True, description="Health and readiness probes answer without the key.")
+    open_metrics: bool = Field(True, description="`/metrics` answers without the key.")
+
+
+class ServerConfig(_Strict):
+    """`sheaf.yaml`: what the entry service does for every deployment."""
+
+    auth: Auth = Auth()
+
+
+def load_server_config(folder: Path) -> ServerConfig:
+    """`folder/sheaf.yaml`, or the defaults when there is none."""
+    path = folder / SERVER_CONFIG_FILE
+    if not path.exists():
+        return ServerConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return ServerConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc'])) or '(top level)'}: {first['msg']}") from None
 
 
 def config_dir() -> Path:

@@ -67,7 +67,7 @@ class Deployment:
         self.config = config
         self.backend: Backend[Any, Any] = import_string(config.backend or backend)(config)
         self.features: FeatureStoreResolver | None = None
-        self.cache = PredictCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled else None
+        self.cache = PredictCache.from_config(config.cache) if config.cache.enabled else None
         self.loaded = threading.Event()
         self.load_error: str | None = None
 
