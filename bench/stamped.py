@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sheaf.api import BaseRequest, StreamEvent
-from sheaf.backends.base import Backend
+from sheaf.backends.base import Admitted, Backend
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -31,11 +31,14 @@ def stamp(request_id: str, kind: str, index: int) -> None:
 class Stamped(Backend[Any, Any]):
     """Put first among the bases of a real backend."""
 
-    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent]:
+    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
         events = super().stream(request, cancel)
+        index = 0
         try:
-            for index, event in enumerate(events):
-                stamp(request.request_id, "emit", index)
+            for event in events:
+                if not isinstance(event, Admitted):
+                    stamp(request.request_id, "emit", index)
+                    index += 1
                 yield event
         finally:
             getattr(events, "close", lambda: None)()  # returns once the backend has stopped its model work

@@ -11,9 +11,16 @@ from typing import Any
 import bentoml
 
 import bentos
+from sheaf.arbiter import private_control_sockets
 from sheaf.config import SERVER_CONFIG_FILE, ConfigError, config_dir
 from sheaf.gateway import gateway_routes, serve_contract
+from sheaf.metrics import own_multiprocess_dir
 from sheaf.service import TIMEOUT_MARGIN_S
+
+# Before `bentoml serve` starts its servers: a metrics folder of this server's own (BentoML's
+# default is shared by every server on the machine), and no unauthenticated control port.
+own_multiprocess_dir()
+private_control_sockets()
 
 
 def _deployments() -> list[bentoml.Service[Any]]:

@@ -7,7 +7,9 @@ size follows the load with no window to tune. A group of items (one `/batch` cal
 leaves whole, in one batch.
 
 A request still queued after `max_queue_s` is refused (`QueueFull`); a request whose caller
-gives up while it is queued leaves the queue and is never sent.
+gives up while it is queued leaves the queue and is never sent. Once every caller of a sent
+batch has given up (deadline, client gone), the batch's `send` is cancelled, so that the
+model work nobody waits for stops.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ class _Group(Generic[Item, Answer]):
     items: list[Item]
     sent: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     answers: asyncio.Future[list[Answer]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    abandoned: bool = False
+    """Its caller stopped waiting after it was sent."""
+    batch: _Batch[Item, Answer] | None = None
+
+
+@dataclass
+class _Batch(Generic[Item, Answer]):
+    groups: list[_Group[Item, Answer]]
+    task: asyncio.Task[None] | None = None
 
 
 class Batcher(Generic[Item, Answer]):
@@ -64,10 +75,25 @@ class Batcher(Generic[Item, Answer]):
                 await asyncio.wait_for(asyncio.shield(group.sent), self.max_queue_s)
         except TimeoutError:
             raise QueueFull(f"no batch slot for {self.max_queue_s:g} s") from None
+        except asyncio.CancelledError:
+            if group.sent.done() and not group.sent.cancelled():  # sent just as its caller left
+                self._abandon(group)
+            raise
         finally:
             if not group.sent.done():  # given up while queued (refused, or the caller was cancelled)
                 group.sent.cancel()
-        return await asyncio.shield(group.answers)
+        try:
+            return await asyncio.shield(group.answers)
+        except asyncio.CancelledError:
+            self._abandon(group)
+            raise
+
+    def _abandon(self, group: _Group[Item, Answer]) -> None:
+        """`group`'s caller has gone; the last caller of a batch to go takes its model work with it."""
+        group.abandoned = True
+        batch = group.batch
+        if batch is not None and batch.task is not None and all(g.abandoned for g in batch.groups):
+            batch.task.cancel()
 
     def _dispatch(self) -> None:
         while self.busy < self.slots and self.queue:
@@ -86,6 +112,9 @@ class Batcher(Generic[Item, Answer]):
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
+            sent = _Batch(batch, task)
+            for group in batch:
+                group.batch = sent
 
     async def _run(self, batch: list[_Group[Item, Answer]]) -> None:
         try:

@@ -9,8 +9,9 @@
     sheaf health textgen ; sheaf ready textgen                                      # exit 1 while not ready
 
 `--url` (or `SHEAF_URL`) names the server, by default http://127.0.0.1:3000. The request type comes from
-`model_type` in the JSON, else from the deployment name (flux, whisper, textgen, forecast). Exit status:
-0 on success, 1 when the server refuses or fails, 2 for a bad command line or an invalid request.
+`model_type` in the JSON, else from the deployment name (flux, whisper, textgen, forecast). `--events -o FILE`
+prints the events and writes the result to FILE as well. Exit status: 0 on success, 1 when the server refuses or
+fails, 2 for a bad command line or an invalid request.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,7 +42,7 @@ from sheaf.api import (
     TranscriptionResponse,
 )
 from sheaf.client import DEFAULT_URL, SheafClient
-from sheaf.exceptions import HTTPStatusError, ServerError, StreamError, TransportError
+from sheaf.exceptions import HTTPStatusError, ServerError, StreamError, TransportError, describe_detail
 from sheaf.streaming import event_payload
 
 BY_MODEL_TYPE: dict[str, type[BaseRequest[Any]]] = {
@@ -78,21 +78,8 @@ def build_request(name: str, source: str | None, audio: Path | None) -> BaseRequ
     try:
         return BY_MODEL_TYPE[model_type].model_validate(fields)
     except ValidationError as exc:
-        problems = (_where(e["loc"]) + e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        raise UsageError("invalid request: " + "; ".join(problems)) from exc
-
-
-def _where(loc: Sequence[Any]) -> str:
-    """`field.sub: ` for an error's location (without FastAPI's leading `body`), or nothing."""
-    parts = [str(part) for part in loc if part != "body"]
-    return ".".join(parts) + ": " if parts else ""
-
-
-def describe(detail: Any) -> str:
-    """A server's error detail on one line: FastAPI-style validation lists become `field: message`."""
-    if isinstance(detail, list) and all(isinstance(item, dict) and "msg" in item for item in detail):
-        return "; ".join(_where(item.get("loc", [])) + str(item["msg"]) for item in detail)
-    return detail if isinstance(detail, str) else json.dumps(detail)
+        problems = [{**error, "msg": error["msg"].removeprefix("Value error, ")} for error in exc.errors()]
+        raise UsageError("invalid request: " + describe_detail(problems)) from exc
 
 
 def save(name: str, response: BaseResponse, output: str | None) -> None:
@@ -116,10 +103,14 @@ def save(name: str, response: BaseResponse, output: str | None) -> None:
 
 def stream(client: SheafClient, args: argparse.Namespace, request: BaseRequest[Any]) -> None:
     """Print events as they arrive (or each as a JSON line with `--events`), then handle the result."""
+    if args.events and args.output == "-":
+        raise UsageError("--events prints the events on stdout: give -o FILE, not -o -")
     unfinished: TextIO | None = None  # where a progress bar or streamed text still waits for its newline
     result: BaseResponse | None = None
     try:
         for event in client.stream(args.name, request):
+            if isinstance(event, ResultEvent):
+                result = event.response
             if args.events:
                 print(json.dumps(event_payload(event)), flush=True)
             elif isinstance(event, ProgressEvent):
@@ -133,12 +124,10 @@ def stream(client: SheafClient, args: argparse.Namespace, request: BaseRequest[A
             elif isinstance(event, SegmentEvent):
                 segment = event.segment
                 print(f"[{segment.start:.2f} → {segment.end:.2f}] {segment.text.strip()}", flush=True)
-            elif isinstance(event, ResultEvent):
-                result = event.response
     finally:
         if unfinished is not None:
             print(file=unfinished, flush=True)
-    if result is None:  # --events printed it
+    if result is None or (args.events and not args.output):  # --events printed it; -o writes it as well
         return
     if isinstance(result, DiffusionResponse):
         save(args.name, result, args.output)
@@ -188,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except HTTPStatusError as exc:
-        print(f"error: {exc.status_code} {describe(exc.detail)}", file=sys.stderr)
+        print(f"error: {exc.status_code} {describe_detail(exc.detail)}", file=sys.stderr)
         return 1
     except StreamError as exc:
         print(f"error: stream failed: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ caller batched itself and answers each with its response or its own error. Error
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -21,9 +22,22 @@ import httpx
 
 from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.api.events import ErrorEvent, ResultEvent, StreamEvent, parse_event
-from sheaf.exceptions import ClientError, HTTPStatusError, ServerError, StreamError, TransportError
+from sheaf.exceptions import (
+    ClientError,
+    FeatureEntityNotFound,
+    FeatureRefInvalid,
+    FeatureStoreFailed,
+    HTTPStatusError,
+    InvalidRequest,
+    ServerError,
+    StreamError,
+    TransportError,
+    describe_detail,
+    field_of,
+)
 from sheaf.streaming import SSEDecoder
 
+API_KEY_ENV = "SHEAF_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
@@ -37,14 +51,31 @@ def _check(response: httpx.Response) -> None:
     if response.is_success:
         return
     try:
-        detail = response.json().get("detail", response.text)
+        payload = response.json()
     except ValueError:
-        detail = response.text
+        payload = None
+    detail = payload["detail"] if isinstance(payload, dict) and "detail" in payload else response.text
     retry_after = response.headers.get("retry-after")
     raise _error(response.status_code, detail, float(retry_after) if retry_after else None)
 
 
+# The lookup failure a detail's `type` names, at `["body", "feature_ref"]`.
+_FEATURE_ERRORS = {kind.error_type: kind for kind in (FeatureRefInvalid, FeatureEntityNotFound, FeatureStoreFailed)}
+
+
 def _error(status: int, detail: Any, retry_after: float | None = None) -> HTTPStatusError:
+    """The typed error for an error answer: every answer the client reads, single or batched, goes through here."""
+    problems = [item for item in detail if isinstance(item, dict)] if isinstance(detail, list) else []
+    for item in problems:
+        kind = _FEATURE_ERRORS.get(str(item.get("type")))
+        if item.get("loc") == ["body", "feature_ref"] and kind is not None and kind.status_code == status:
+            return kind(None, str(item.get("msg", "")))
+    if status == 422:
+        # Always a list of problems, as the server sends it; anything else becomes one about the whole body.
+        problems = problems or [{"loc": ["body"], "msg": describe_detail(detail), "type": "value_error"}]
+        return InvalidRequest(
+            field_of(problems[0].get("loc", [])) or "body", str(problems[0].get("msg")), detail=problems
+        )
     return (ClientError if status < 500 else ServerError)(status, detail, retry_after)
 
 
@@ -55,7 +86,7 @@ def _batch_results(
     return [
         request.response_model.model_validate(outcome["body"])  # type: ignore[misc]
         if outcome["status"] == 200
-        else _error(outcome["status"], outcome["body"].get("detail"))
+        else _error(outcome["status"], outcome["body"].get("detail") if isinstance(outcome["body"], dict) else None)
         for request, outcome in zip(requests, response.json(), strict=True)
     ]
 
@@ -90,13 +121,25 @@ class _Events:
             raise StreamError("the stream ended before its result")
 
 
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 class AsyncSheafClient:
     """Async client for every deployment of one sheaf server."""
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, **httpx_options: Any
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        **httpx_options: Any,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_options)
+        """`api_key` (default: the `SHEAF_API_KEY` variable) is sent as `Authorization: Bearer` when set."""
+        headers = {**_auth_headers(api_key), **httpx_options.pop("headers", {})}
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, **httpx_options)
 
     async def predict(self, name: str, request: BaseRequest[ResponseT]) -> ResponseT:
         try:
@@ -161,9 +204,16 @@ class SheafClient:
     """Blocking client for every deployment of one sheaf server; the twin of `AsyncSheafClient`."""
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, **httpx_options: Any
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        **httpx_options: Any,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_options)
+        """`api_key` (default: the `SHEAF_API_KEY` variable) is sent as `Authorization: Bearer` when set."""
+        headers = {**_auth_headers(api_key), **httpx_options.pop("headers", {})}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, **httpx_options)
 
     def predict(self, name: str, request: BaseRequest[ResponseT]) -> ResponseT:
         try:

@@ -148,10 +148,25 @@ class Auth(_Strict):
     open_metrics: bool = Field(True, description="`/metrics` answers without the key.")
 
 
+class ClientTimeouts(_Strict):
+    """How long the entry service waits for a request to arrive; past it, 408 and the connection closes."""
+
+    headers_s: float = Field(
+        10.0, gt=0, description="From the connection's start, or a request's first byte, to the end of its headers."
+    )
+    body_s: float = Field(
+        30.0, gt=0, description="From the end of the headers to the end of the body (32 MB in 30 s needs 1.1 MB/s)."
+    )
+
+
 class ServerConfig(_Strict):
     """`sheaf.yaml`: what the entry service does for every deployment."""
 
     auth: Auth = Auth()
+    client_timeouts: ClientTimeouts = ClientTimeouts()
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="After SIGTERM, how long requests in flight may run before they are cut off."
+    )
 
 
 def load_server_config(folder: Path) -> ServerConfig:

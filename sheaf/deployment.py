@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent
-from sheaf.backends.base import Backend, Cancelled, limit_torch_threads
+from sheaf.backends.base import Admitted, Backend, Cancelled, limit_torch_threads
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
-from sheaf.exceptions import InvalidRequest
-from sheaf.streaming import HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
+from sheaf.exceptions import FeatureLookupError, InvalidRequest
+from sheaf.streaming import ACCEPTED, HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
 
 if TYPE_CHECKING:
     from sheaf.features import FeatureStoreResolver
@@ -49,8 +49,8 @@ def error_outcome(status: int, detail: str) -> Outcome:
 
 
 def failure(exc: BaseException) -> Outcome:
-    if isinstance(exc, InvalidRequest):
-        return {"status": exc.status_code, "body": {"detail": exc.detail()}}
+    if isinstance(exc, InvalidRequest | FeatureLookupError):  # their `detail` names the field
+        return {"status": exc.status_code, "body": {"detail": list(exc.detail)}}
     if isinstance(exc, Cancelled):
         return error_outcome(504, f"stopped at the deadline: {exc}")
     return error_outcome(500, f"{type(exc).__name__}: {exc}")
@@ -100,7 +100,11 @@ class Deployment:
         detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
         return error_outcome(503, detail)
 
-    async def predict(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
+    async def predict(
+        self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None
+    ) -> list[Outcome]:
+        """One outcome per request; the model work stops once `cancel` is set (its caller has gone)
+        or the batch's deadline has passed."""
         if unavailable := self._unavailable():
             return [unavailable] * len(requests)
         metrics.BATCH_SIZE.labels(self.config.name).observe(len(requests))
@@ -111,7 +115,8 @@ class Deployment:
         keys = self._answer_from_cache(batch, outcomes, metadata)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if pending:
-            for i, outcome in zip(pending, await self._run_backend([batch[i] for i in pending]), strict=True):
+            answers = await self._run_backend([batch[i] for i in pending], cancel or threading.Event())
+            for i, outcome in zip(pending, answers, strict=True):
                 outcomes[i] = outcome
                 if self.cache is not None and outcome["status"] == 200:
                     self.cache.put(keys[i], outcome["body"])
@@ -126,9 +131,8 @@ class Deployment:
             )
         return answered
 
-    async def _run_backend(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+    async def _run_backend(self, requests: list[BaseRequest[Any]], cancel: threading.Event) -> list[Outcome]:
         # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
-        cancel = threading.Event()
         budget = self.config.timeout_for(*(r.timeout_s for r in requests))
         timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         try:
@@ -181,11 +185,7 @@ class Deployment:
             resolved = await asyncio.to_thread(self.features.resolve, refs)
         for i, result in zip(wanting, resolved, strict=True):
             if isinstance(result, Exception):
-                status = getattr(result, "status_code", 502)
-                detail: Any = str(result)
-                if status == 422:  # the caller's reference is at fault: name the field, as validation errors do
-                    detail = [{"loc": ["body", "feature_ref"], "msg": detail, "type": "value_error"}]
-                outcomes[i] = {"status": status, "body": {"detail": detail}}
+                outcomes[i] = failure(result)
             else:
                 batch[i] = batch[i].model_copy(update={"history": result.values, "feature_ref": None})
                 metadata[i].update(result.metadata())
@@ -203,6 +203,7 @@ class Deployment:
             return
         request = batch[0]
         name, sent, outcome = self.config.name, 0, "cancelled"  # until the stream says otherwise
+        accepted = False  # once true, the client has a 200 and a failure is an error event
         budget = self.config.timeout_for(request.timeout_s)
         try:
             events = iterate_in_thread(
@@ -211,13 +212,19 @@ class Deployment:
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, Idle):
-                        if sent:  # before the first event the answer may still become a plain HTTP error
+                        if accepted:  # before, the answer may still become a plain HTTP error
                             yield HEARTBEAT
+                        continue
+                    if isinstance(event, Admitted):
+                        if not accepted:
+                            accepted = True
+                            yield ACCEPTED
                         continue
                     if isinstance(event, ResultEvent):
                         event.response.metadata.update(metadata[0])
                         outcome = "result"
                     sent += 1
+                    accepted = True
                     metrics.STREAM_EVENTS.labels(name, event.type).inc()
                     yield encode_event(event)
                     if outcome == "result":
@@ -226,13 +233,13 @@ class Deployment:
         except TimeoutError:  # the backend's thread was told to stop when `events` closed
             outcome = "deadline"
             detail = f"no result within the deadline of {budget:g} s"
-            if sent:
+            if accepted:
                 metrics.STREAM_EVENTS.labels(name, "error").inc()
                 yield encode_event({"type": "error", "done": True, "error": detail, "code": "deadline_exceeded"})
             else:
                 yield encode_event({"type": "error", "done": True, "error": detail, **error_outcome(504, detail)})
         except Exception as exc:
-            if sent:
+            if accepted:
                 outcome = "error"
                 logger.exception("%s stream request_id=%s failed after it began", name, request.request_id)
                 metrics.STREAM_ERRORS.labels(name).inc()

@@ -7,7 +7,8 @@ order: a `Resolved` (the history as `values`, the `feature` used as `"view:featu
 grouped by feature view: one `get_online_features` call per view asks for every feature and every entity row of
 that view at once. `resolve_one` raises instead.
 
-The errors carry `status_code` and `field` ("feature_ref"); the message names `view:feature` and `key=value`:
+The errors (from `sheaf.exceptions`, where they sit in the one hierarchy) carry `status_code` and `field`
+("feature_ref"); the message names `view:feature` and `key=value`:
 
 - `FeatureRefInvalid` (422): unknown feature view or feature, an `entity_key` that is not the view's join key,
   or a value that is not a non-empty array of finite numbers (or of equally long rows of them);
@@ -42,49 +43,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from sheaf.api.forecast import FeatureRef
-from sheaf.exceptions import SheafError
+
+# The lookup errors live in sheaf.exceptions, in the one hierarchy the client raises too; named here as well.
+from sheaf.exceptions import FeatureEntityNotFound as FeatureEntityNotFound
+from sheaf.exceptions import FeatureLookupError as FeatureLookupError
+from sheaf.exceptions import FeatureRefInvalid as FeatureRefInvalid
+from sheaf.exceptions import FeatureStoreFailed as FeatureStoreFailed
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
 History = list[float] | list[list[float]]
-
-
-class FeatureLookupError(SheafError):
-    """A `feature_ref` could not be resolved; `status_code` is the HTTP status the server answers with."""
-
-    status_code: ClassVar[int] = 502
-    field: ClassVar[str] = "feature_ref"
-
-    def __init__(self, ref: FeatureRef, problem: str) -> None:
-        super().__init__(f"{_describe(ref)}: {problem}")
-        self.ref = ref
-        self.problem = problem
-
-    @property
-    def message(self) -> str:
-        return str(self)
-
-
-class FeatureRefInvalid(FeatureLookupError):
-    """Unknown view or feature, wrong entity key, or a value that is not a history (422)."""
-
-    status_code = 422
-
-
-class FeatureEntityNotFound(FeatureLookupError):
-    """The online store holds nothing for this entity (404)."""
-
-    status_code = 404
-
-
-class FeatureStoreFailed(FeatureLookupError):
-    """The feature store raised or could not be reached (502)."""
-
-    status_code = 502
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +227,6 @@ def _kind(value: object) -> str:
         return "an empty array"
     text = repr(value)
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
-
-
-def _describe(ref: FeatureRef) -> str:
-    return f"{ref.feature_view}:{ref.feature_name} for {ref.entity_key}={ref.entity_value}"
 
 
 def _failure(exc: Exception) -> str:

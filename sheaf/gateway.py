@@ -18,27 +18,32 @@ contract's 422 `{"detail": [...]}` instead.
 import asyncio
 import json
 import logging
+import os
+import socket
+import sys
 import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import pydantic_core
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sheaf import upstream
+from sheaf import auth, shutdown, slow_clients, upstream
 from sheaf.api.base import BaseRequest
 from sheaf.batching import Batcher, QueueFull
-from sheaf.config import DeploymentConfig, Limits
+from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limits, config_dir, load_server_config
 from sheaf.deployment import Outcome, error_outcome
+from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
 from sheaf.service import typed
-from sheaf.streaming import encode_event, error_event
+from sheaf.streaming import ACCEPTED, HEARTBEAT, encode_event, error_event
 
 logger = logging.getLogger("sheaf.gateway")
 
@@ -54,20 +59,51 @@ def gateway_routes(*deployments: bentoml.Service[Any] | None) -> type:
 
         serve_contract(Sheaf)
     """
-    members: dict[str, Any] = {"__init__": lambda self: show_sheaf_logs()}
-    for service in deployments:
-        if service is None:  # not configured in this config set
-            continue
+    served = {service.name: service for service in deployments if service is not None}  # None: not configured
+
+    async def announce_when_ready(self: Any) -> None:
+        self.announcing = asyncio.ensure_future(_announce_when_ready(served))
+
+    members: dict[str, Any] = {
+        "__init__": lambda self: show_sheaf_logs(),
+        "announce_when_ready": bentoml.on_startup(announce_when_ready),
+    }
+    for service in served.values():
         members[service.name] = bentoml.depends(service)
         members.update(_routes(service))
     return type("GatewayRoutes", (), members)
 
 
+async def _announce_when_ready(deployments: dict[str, bentoml.Service[Any]]) -> None:
+    """One log line once every deployment has loaded, with the URLs to use."""
+    while not await all_ready(deployments):
+        await asyncio.sleep(0.5)
+    base = _listening_url()
+    routes = ", ".join(f"{base}/{name}/predict" for name in deployments)
+    logger.info("sheaf: every deployment is ready; Swagger at %s/ ; predict at %s", base, routes)
+
+
 def serve_contract(gateway: bentoml.Service[Any]) -> None:
-    """Add the GET probes, the 413 for oversized bodies and the 422 for invalid ones to the entry service."""
+    """Add the rest of the contract to the entry service: the GET probes, the API key, bounds on slow
+    clients and on shutdown, the 404 for unknown deployments, the 413 for oversized bodies and the 422
+    for invalid ones."""
     deployments = {name: dependency.on for name, dependency in gateway.dependencies.items()}
     gateway.mount_asgi_app(_probes(deployments), path="/", name="probes")
+    # The entry service's own settings (sheaf.yaml); an error stops `bentoml serve` at import, before any worker.
+    folder = config_dir()
+    try:
+        server = load_server_config(folder)
+        key = auth.api_key(server.auth, str(folder / SERVER_CONFIG_FILE))
+    except ConfigError as exc:
+        raise SystemExit(f"sheaf: config error: {exc}") from None
+    # Outermost first: a SIGTERM bounds every request; a caller without the key gets nothing else to run.
+    gateway.add_asgi_middleware(shutdown.Drain, grace_s=server.shutdown_grace_s)
+    if key is not None:
+        gateway.add_asgi_middleware(auth.APIKey, key=key, open_paths=auth.open_paths(server.auth, deployments))
+    # Deadlines on each request's headers and body, for the uvicorn server this worker starts next.
+    slow_clients.install(server.client_timeouts.headers_s, server.client_timeouts.body_s)
     gateway.add_asgi_middleware(ValidationErrorsAs422)
+    gateway.add_asgi_middleware(UnknownDeployments, deployments=list(deployments))
     limits = {
         f"/{name}/{route}": int(service.inner.deployment_config.max_body_mb * 1024 * 1024)
         for name, service in deployments.items()
@@ -122,10 +158,15 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
             return [error_outcome(503, f"deployment {name} is busy: {exc}; retry after {retry} s")] * len(requests)
 
     @typed(request=request_model, **{"return": request_model.response_model})
-    async def predict(self: Any, request: BaseRequest[Any], /) -> Any:
+    async def predict(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> Any:
         with gate.predicts(1) as admitted:
-            (outcome,) = await forward([request]) if admitted else [gate.full("predict requests")]
-        return _response(outcome, config)
+            if not admitted:
+                return _response(ctx, gate.full("predict requests"), config)
+            try:
+                (outcome,) = await unless_disconnected(ctx.request, forward([request]))
+            except ClientGone:  # nobody reads the answer; leaving cancels the batch once all its callers left
+                return _response(ctx, error_outcome(499, "the client closed the connection"), config)
+        return _response(ctx, outcome, config)
 
     @typed(request=request_model)
     async def stream(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
@@ -135,20 +176,30 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
                 yield _http_error(ctx, full["status"], full["body"], config)
                 return
             frames = upstream.stream(deployment, request)
-            async for chunk in _relay(frames, ctx, config):
+            async for chunk in _relay(frames, ctx, config, config.timeout_for(request.timeout_s)):
                 yield chunk
 
-    @typed(requests=list[request_model])  # type: ignore[valid-type]
-    async def batch(self: Any, requests: list[BaseRequest[Any]], /) -> Any:
+    # Each item is validated on its own: an invalid one is its own 422 outcome, not the call's.
+    item = Annotated[request_model, WrapValidator(_invalid_item_kept)]  # type: ignore[valid-type]
+
+    @typed(requests=list[item])
+    async def batch(self: Any, requests: list[BaseRequest[Any] | InvalidItem], /, ctx: bentoml.Context) -> Any:
         if len(requests) > limit:
             problem = f"at most {limit} requests per call (this deployment's max_batch_size), got {len(requests)}"
-            return JSONResponse({"detail": [{"loc": ["body"], "msg": problem, "type": "too_long"}]}, status_code=422)
-        if not requests:
-            return []
-        with gate.predicts(len(requests)) as admitted:
+            too_long = [{"loc": ["body"], "msg": problem, "type": "too_long"}]
+            return _response(ctx, {"status": 422, "body": {"detail": too_long}}, config)
+        outcomes: list[Outcome | None] = [r.outcome() if isinstance(r, InvalidItem) else None for r in requests]
+        valid = [r for r in requests if not isinstance(r, InvalidItem)]
+        if not valid:
+            return outcomes
+        with gate.predicts(len(valid)) as admitted:
             if not admitted:
-                return _response(gate.full("predict requests"), config)
-            return await forward(requests)
+                return _response(ctx, gate.full("predict requests"), config)
+            try:
+                answers = iter(await unless_disconnected(ctx.request, forward(valid)))
+            except ClientGone:
+                return _response(ctx, error_outcome(499, "the client closed the connection"), config)
+        return [outcome or next(answers) for outcome in outcomes]
 
     return {
         f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
@@ -192,12 +243,33 @@ class Gate:
         return error_outcome(503, f"this deployment is full ({limit} {what}); retry after {retry} s")
 
 
+class InvalidItem:
+    """A `/batch` item that failed validation; it is answered with its own 422."""
+
+    def __init__(self, error: ValidationError) -> None:
+        self.errors = error.errors(include_url=False, include_context=False, include_input=False)
+
+    def outcome(self) -> Outcome:
+        detail = [{"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]} for error in self.errors]
+        return {"status": 422, "body": {"detail": detail}}
+
+
+def _invalid_item_kept(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        return InvalidItem(exc)
+
+
 def _past_deadline(budget: float) -> Outcome:
     return error_outcome(504, f"no answer within the deadline of {budget:g} s")
 
 
-def _response(outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
-    return JSONResponse(outcome["body"], status_code=outcome["status"], headers=_retry_after(outcome["status"], config))
+def _response(ctx: bentoml.Context, outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
+    # An API that takes `ctx` answers with ctx's status and headers, whatever the response says.
+    ctx.response.status_code = outcome["status"]
+    ctx.response.metadata.update(_retry_after(outcome["status"], config))
+    return JSONResponse(outcome["body"])
 
 
 def _retry_after(status: int, config: DeploymentConfig) -> dict[str, str]:
@@ -206,41 +278,81 @@ def _retry_after(status: int, config: DeploymentConfig) -> dict[str, str]:
 
 
 async def _relay(
-    frames: AsyncGenerator[str, None], ctx: bentoml.Context, config: DeploymentConfig
+    frames: AsyncGenerator[str, None], ctx: bentoml.Context, config: DeploymentConfig, budget: float
 ) -> AsyncGenerator[str, None]:
-    """Forward a deployment's SSE frames whole, as they arrive.
+    """Forward a deployment's SSE frames whole, as they arrive, on the entry service's own clock.
 
-    Before anything is sent, an error frame carrying `status` becomes a plain HTTP error.
-    After, a broken or truncated upstream still ends the stream with one `error` event.
+    Before anything is sent, an error frame carrying `status` becomes a plain HTTP error, and
+    the deadline a 504. Once the deployment has accepted the request (`: accepted`) or sent an
+    event, the stream is 200: quiet spells get heartbeats and the deadline an `error` event,
+    whatever the deployment does (it may be frozen). A broken or truncated upstream still ends
+    the stream with one `error` event. Leaving (deadline, client gone) closes the upstream
+    response, which cancels the deployment's stream.
     """
+    chunks: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in frames:
+                chunks.put_nowait(chunk)
+        except Exception as exc:
+            chunks.put_nowait(exc)
+        else:
+            chunks.put_nowait(None)
+        finally:
+            await frames.aclose()
+
+    pumping = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
     buffer = ""
-    sent_any = finished = False
+    started = finished = False
     try:
-        async for chunk in frames:
+        while not finished:
+            wait = deadline - loop.time()
+            try:
+                # wait_for cancels only its own get(), never the pump reading the deployment.
+                chunk = await asyncio.wait_for(chunks.get(), min(wait, config.heartbeat_s) if started else wait)
+            except TimeoutError:
+                if loop.time() < deadline:
+                    yield HEARTBEAT
+                    continue
+                detail = f"no result within the deadline of {budget:g} s"
+                if not started:
+                    yield _http_error(ctx, 504, {"detail": detail}, config)
+                    return
+                yield encode_event({"type": "error", "done": True, "error": detail, "code": "deadline_exceeded"})
+                return
+            if chunk is None:
+                break
+            if isinstance(chunk, BaseException):
+                raise chunk
             buffer += chunk
             end = buffer.rfind("\n\n") + 2
             if end < 2:
                 continue
             complete, buffer = buffer[:end], buffer[end:]
             start = complete.rfind("data: ", 0, -2)
-            if start < 0:  # heartbeats only
-                yield complete
+            if start < 0:  # comments only: the deployment's heartbeats (ours replace them) or its acceptance
+                if not started and ACCEPTED in complete:
+                    started = True
+                    yield ACCEPTED
                 continue
             last = json.loads(complete[start + 6 : complete.index("\n\n", start)])
-            if not sent_any and last["type"] == "error" and "status" in last:
+            if not started and last["type"] == "error" and "status" in last:
                 yield _http_error(ctx, last["status"], last["body"], config)
                 return
-            sent_any, finished = True, last["done"]
+            started, finished = True, last["done"]
             yield complete
     except Exception as exc:
         logger.exception("relaying a stream failed")
-        if not sent_any:
+        if not started:
             yield _http_error(ctx, 502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"}, config)
             return
         yield encode_event(error_event(exc, code="upstream_error"))
         return
     finally:
-        await frames.aclose()
+        pumping.cancel()
     if not finished:
         yield encode_event(
             {"type": "error", "done": True, "error": "stream ended without a result", "code": "upstream_error"}
@@ -255,21 +367,81 @@ def _http_error(ctx: bentoml.Context, status: int, body: dict[str, Any], config:
     return json.dumps(body)
 
 
+def _listening_url() -> str:
+    """Where this worker listens: BentoML hands it the listening socket as `--fd N`."""
+    args = sys.argv
+    fd = int(args[args.index("--fd") + 1]) if "--fd" in args else None
+    if fd is None:
+        return "http://127.0.0.1:3000"
+    with socket.socket(fileno=os.dup(fd)) as listening:
+        address = listening.getsockname()
+    if isinstance(address, str):  # a Unix socket
+        return f"http+unix://{address}"
+    host, port = address[:2]
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
 def _probes(deployments: dict[str, bentoml.Service[Any]]) -> Starlette:
+    """GET routes: each deployment's probes, `/docs` (Swagger is BentoML's index page), and a JSON
+    404 naming the deployments for a route of one that does not exist."""
+
     async def health(request: Request) -> JSONResponse:
+        # Liveness of the deployment's process: it answers, loaded or not, within a short timeout.
+        name = request.url.path.split("/")[1]
+        try:
+            await upstream.alive(deployments[name])
+        except Exception as exc:  # frozen, dead, or restarting
+            detail = f"deployment {name} does not answer: {type(exc).__name__}: {exc}".rstrip(": ")
+            return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> JSONResponse:
         name = request.url.path.split("/")[1]
-        try:
-            outcome = await upstream.ready(deployments[name])
-        except Exception as exc:  # the deployment's process is not up (yet)
-            outcome = error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
+        outcome = await _readiness(name, deployments[name])
         return JSONResponse(outcome["body"], status_code=outcome["status"])
+
+    async def docs(request: Request) -> RedirectResponse:
+        return RedirectResponse("/")
 
     routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in deployments]
     routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in deployments]
+    routes.append(Route("/docs", docs, methods=["GET"]))
     return Starlette(routes=routes)
+
+
+async def _readiness(name: str, deployment: bentoml.Service[Any]) -> Outcome:
+    try:
+        return await upstream.ready(deployment)
+    except upstream.UpstreamError as exc:  # it answered: loading, or failed to load
+        return {"status": exc.status, "body": exc.body}
+    except Exception as exc:  # the deployment's process is not up (yet)
+        return error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
+
+
+async def all_ready(deployments: dict[str, bentoml.Service[Any]]) -> bool:
+    """Whether every deployment has loaded its model: the entry service's own `/readyz`."""
+    outcomes = await asyncio.gather(*(_readiness(name, d) for name, d in deployments.items()))
+    return all(outcome["status"] == 200 for outcome in outcomes)
+
+
+CONTRACT_ROUTES = frozenset({"predict", "stream", "batch", "health", "ready"})
+
+
+class UnknownDeployments:
+    """A contract route of a deployment that does not exist is a JSON 404 naming the ones that do."""
+
+    def __init__(self, app: ASGIApp, deployments: list[str]) -> None:
+        self.app = app
+        self.deployments = sorted(deployments)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            parts = scope["path"].strip("/").split("/")
+            if len(parts) == 2 and parts[1] in CONTRACT_ROUTES and parts[0] not in self.deployments:
+                detail = f"no deployment named {parts[0]!r}; these exist: {', '.join(self.deployments)}"
+                await _answer(send, 404, {"detail": detail, "deployments": self.deployments})
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestBodies:

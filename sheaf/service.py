@@ -6,6 +6,8 @@ frames) and `ready`. This module imports no model code: the backend is imported 
 inside the worker.
 """
 
+import asyncio
+import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Annotated, Any, TypeVar
@@ -17,6 +19,7 @@ from pydantic import BaseModel
 from sheaf.api.base import BaseRequest
 from sheaf.config import config_dir, load_config
 from sheaf.deployment import Deployment, Outcome
+from sheaf.disconnects import until_disconnected
 from sheaf.logs import show_sheaf_logs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,8 +59,17 @@ def deployment_service(
 
         @bentoml.api
         @typed(requests=list[request_model])  # type: ignore[valid-type]
-        async def predict_batch(self, requests: list[BaseRequest[Any]]) -> Annotated[list[Outcome], JSON]:
-            return await self.deployment.predict(requests)
+        async def predict_batch(
+            self, requests: list[BaseRequest[Any]], ctx: bentoml.Context
+        ) -> Annotated[list[Outcome], JSON]:
+            # The entry service closes the connection once every caller of the batch has gone.
+            cancel = threading.Event()
+            watcher = asyncio.ensure_future(until_disconnected(ctx.request))
+            watcher.add_done_callback(lambda done: None if done.cancelled() else cancel.set())
+            try:
+                return await self.deployment.predict(requests, cancel)
+            finally:
+                watcher.cancel()
 
         @bentoml.api
         @typed(request=request_model)
@@ -69,6 +81,10 @@ def deployment_service(
         @bentoml.api
         async def ready(self) -> Annotated[Outcome, JSON]:
             return self.deployment.ready()
+
+        def __is_ready__(self) -> bool:
+            """BentoML's `/readyz` (and the entry service's, which asks its dependencies): the model is in."""
+            return self.deployment.loaded.is_set()
 
     Service.__name__ = Service.__qualname__ = f"{config.name.title()}Service"
     resources = config.resources.model_dump(exclude_none=True)

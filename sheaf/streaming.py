@@ -82,6 +82,10 @@ def parse_frame(frame: str) -> dict[str, Any] | None:
 HEARTBEAT = ": heartbeat\n\n"
 """An SSE comment line: keeps proxies from cutting a quiet stream; clients skip it."""
 
+ACCEPTED = ": accepted\n\n"
+"""The first bytes of a stream whose request passed every check (limits, validation, adapters,
+Feast): from here on the answer is 200 and a failure is an `error` event. Clients skip it."""
+
 
 class Idle:
     """What `iterate_in_thread` yields when nothing came for `idle_s`."""

@@ -12,6 +12,7 @@ listen), but the calls go through these clients:
   closes the connection, and the deployment's stream is cancelled.
 """
 
+import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -23,15 +24,26 @@ from pydantic import BaseModel
 
 CONNECT_TIMEOUT_S = 10
 READY_TIMEOUT_S = 5
+ALIVE_TIMEOUT_S = 2
 JSON_HEADERS = {"content-type": "application/json"}
 
 
 class UpstreamError(Exception):
-    """The deployment answered a predict with an HTTP error of its own."""
+    """The deployment answered with an HTTP error of its own."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
+        self.detail = detail
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The deployment's JSON error body, or the text as `detail`."""
+        try:
+            body = json.loads(self.detail)
+        except ValueError:
+            return {"detail": self.detail}
+        return body if isinstance(body, dict) else {"detail": body}
 
 
 _sessions: dict[str, aiohttp.ClientSession] = {}
@@ -78,6 +90,13 @@ async def ready(deployment: bentoml.Service[Any]) -> dict[str, Any]:
     """The deployment's `ready` outcome."""
     outcome: dict[str, Any] = await _call(deployment, "ready", b"{}", READY_TIMEOUT_S)
     return outcome
+
+
+async def alive(deployment: bentoml.Service[Any]) -> None:
+    """Return when the deployment's process answers HTTP at all (loaded or not) within ALIVE_TIMEOUT_S."""
+    timeout = aiohttp.ClientTimeout(total=ALIVE_TIMEOUT_S)
+    async with _session(deployment).get("/livez", timeout=timeout) as response:
+        await response.read()
 
 
 async def stream(deployment: bentoml.Service[Any], request: BaseModel) -> AsyncGenerator[str, None]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +23,23 @@ from sheaf.tiny_models import build_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
+
+
+def untracked_files() -> set[str]:
+    """Files in the checkout that git neither tracks nor ignores."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return set(listed.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tree_left_clean() -> Iterator[None]:
+    """No test writes into the repository (a stray `<none>` image was once committed from one)."""
+    before = untracked_files()
+    yield
+    written = sorted(untracked_files() - before)
+    assert not written, f"tests wrote into the repository: {written}"
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +72,12 @@ def serve(
     *,
     target: str = "bentos.gateway:Sheaf",
     cwd: Path = ROOT,
+    headers: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """Run `bentoml serve` on `target` until every deployment in `ready` answers ready.
 
     `config_dir` None serves the default config set. BentoML's home goes beside the log,
-    unless `env` names one.
+    unless `env` names one. `headers` go with the readiness polls (an API key).
     """
     port = free_port()
     environ = {
@@ -84,7 +103,7 @@ def serve(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
             try:
-                answers = [httpx.get(f"{server.url}/{name}/ready", timeout=2) for name in ready]
+                answers = [httpx.get(f"{server.url}/{name}/ready", headers=headers, timeout=2) for name in ready]
             except httpx.TransportError:
                 answers = []
             if answers and all(answer.status_code == 200 for answer in answers):
@@ -104,6 +123,48 @@ def serve(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def stream_events(server: Server, name: str, body: object, timeout: float = 120) -> list[dict[str, Any]]:
+    """The events of a `/{name}/stream` that must answer 200, as its client decodes them."""
+    from sheaf.streaming import SSEDecoder
+
+    decoder = SSEDecoder()
+    with httpx.stream("POST", f"{server.url}/{name}/stream", json=body, timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        return [event for chunk in response.iter_raw() for event in decoder.feed(chunk)]
+
+
+def worker_pids(server: Server, service: str) -> list[int]:
+    """The processes that BentoML runs `service` in (`sheaf` for the entry service) under `server`."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+        if (
+            ppid == server.pid
+            and b"--service-name" in args
+            and args[args.index(b"--service-name") + 1] == service.encode()
+        ):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def frozen(server: Server, service: str) -> Iterator[None]:
+    """`service`'s processes stopped (SIGSTOP) for the duration: alive, answering nothing."""
+    pids = worker_pids(server, service)
+    assert pids, f"no {service} worker under the server"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def predict_at_once(

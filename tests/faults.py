@@ -5,12 +5,15 @@ A request whose `model_name` is `fail-mid-stream` raises after its second event;
 event after the first. Every other request runs the real backend.
 """
 
+import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from sheaf.api import BaseRequest, BaseResponse, StreamEvent
-from sheaf.backends.base import Backend
+from sheaf.backends.base import Admitted, Backend
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -24,12 +27,17 @@ class InjectedFault(RuntimeError):
 class InjectsFaults(Backend[Any, Any]):
     """Put first among the bases of a real backend."""
 
-    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent]:
-        for index, event in enumerate(super().stream(request, cancel)):
+    def stream(self, request: BaseRequest[Any], cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
+        index = 0
+        for event in super().stream(request, cancel):
+            if isinstance(event, Admitted):
+                yield event
+                continue
             if request.model_name == "fail-mid-stream" and index == 2:
                 raise InjectedFault("injected after two events")
             if request.model_name == "slow-stream" and index > 0:
                 cancel.wait(1.0)
+            index += 1
             yield event
 
     def predict_batch(
@@ -56,3 +64,13 @@ class FaultInjectingWhisper(InjectsFaults, WhisperBackend):  # type: ignore[misc
 
 class FaultInjectingForecast(InjectsFaults, ForecastBackend):  # type: ignore[misc]
     pass
+
+
+class GatedLoadForecast(ForecastBackend):
+    """Loads only once the file named by `SHEAF_TEST_LOAD_GATE` exists: a model still loading, on cue."""
+
+    def load(self) -> None:
+        gate = Path(os.environ["SHEAF_TEST_LOAD_GATE"])
+        while not gate.exists():
+            time.sleep(0.1)
+        super().load()

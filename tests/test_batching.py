@@ -159,3 +159,26 @@ def test_a_group_larger_than_a_batch_is_refused() -> None:
             await batcher.submit(["a", "b", "c"])
 
     run(test)
+
+
+def test_a_sent_batch_is_cancelled_once_every_caller_has_gone_and_not_before() -> None:
+    async def test(deployment: Deployment) -> None:
+        batcher = deployment.batcher()
+        first = await occupy(batcher)
+        callers = [asyncio.ensure_future(batcher.submit([item])) for item in ("b", "c")]
+        await settle()
+        first.cancel()  # the only caller of batch `a`: its `send` is cancelled and the slot frees up
+        await settle()
+        assert deployment.batches == [["a"], ["b", "c"]]
+        assert deployment.in_flight == 1
+        (task,) = batcher.running
+        callers[0].cancel()
+        await settle()
+        assert not task.done()  # c still waits for it
+        callers[1].cancel()
+        await settle()
+        assert task.cancelled()
+        assert deployment.in_flight == 0  # `send` itself was cancelled
+        assert batcher.busy == 0
+
+    run(test)

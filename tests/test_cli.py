@@ -1,5 +1,6 @@
 """The `sheaf` command line against a real server, run as a subprocess the way a user runs it."""
 
+import base64
 import json
 import re
 import subprocess
@@ -109,6 +110,19 @@ def test_stream_events_are_json_lines_ending_with_the_result(server: Server, tmp
     assert not list(tmp_path.iterdir())  # --events writes no file
 
 
+def test_stream_events_with_an_output_writes_the_png_too(server: Server, tmp_path: Path) -> None:
+    done = sheaf(server, tmp_path, "stream", "flux", "--events", "-o", "fox.png", body=FLUX)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [event["type"] for event in events] == ["progress"] * 3 + ["result"]
+    assert done.stderr.strip() == "wrote fox.png"
+    assert (tmp_path / "fox.png").read_bytes() == base64.b64decode(events[-1]["image_b64"])
+    # stdout carries the events: the image cannot go there too.
+    to_stdout = sheaf(server, tmp_path, "stream", "flux", "--events", "-o", "-", body=FLUX)
+    assert (to_stdout.returncode, to_stdout.stdout) == (2, "")
+    assert to_stdout.stderr == "error: --events prints the events on stdout: give -o FILE, not -o -\n"
+
+
 @pytest.mark.parametrize("command", ["predict", "stream"])
 def test_a_server_refusal_is_an_error_line_and_exit_1(server: Server, tmp_path: Path, command: str) -> None:
     done = sheaf(server, tmp_path, command, "flux", body={**FLUX, "adapters": ["nope"]})
@@ -145,7 +159,7 @@ def test_an_unknown_deployment_needs_a_model_type(server: Server, tmp_path: Path
     assert "model_type" in done.stderr
     typed = sheaf(server, tmp_path, "predict", "mine", body={"model_type": "text_generation", "prompt": "hi"})
     assert typed.returncode == 1
-    assert typed.stderr.startswith("error: 404"), typed.stderr
+    assert typed.stderr == "error: 404 no deployment named 'mine'; these exist: flux, forecast, textgen, whisper\n"
 
 
 def test_an_unreachable_server_is_exit_1(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """`SheafClient` and `AsyncSheafClient` against a real server, and BentoML's generated clients."""
 
 import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import bentoml
@@ -9,6 +11,12 @@ import pytest
 from sheaf import (
     AsyncSheafClient,
     ClientError,
+    FeatureEntityNotFound,
+    FeatureLookupError,
+    FeatureRef,
+    FeatureRefInvalid,
+    ForecastRequest,
+    InvalidRequest,
     ResultEvent,
     ServerError,
     SheafClient,
@@ -19,7 +27,7 @@ from sheaf import (
     TransportError,
 )
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, free_port
+from tests.conftest import ROOT, Server, free_port
 
 
 def request(**fields: Any) -> TextGenerationRequest:
@@ -127,4 +135,115 @@ def test_batch_gives_each_request_its_response_or_its_own_error(server: Server) 
             return await client.batch("textgen", requests)
 
     kinds = [type(answer) for answer in asyncio.run(run())]
-    assert kinds == [TextGenerationResponse, ClientError, TextGenerationResponse]
+    assert kinds == [TextGenerationResponse, InvalidRequest, TextGenerationResponse]  # a ClientError, and more precise
+
+
+def test_every_contract_type_and_error_is_importable_from_sheaf() -> None:
+    import sheaf
+    import sheaf.api
+    import sheaf.exceptions
+
+    errors = [
+        name
+        for name, value in vars(sheaf.exceptions).items()
+        if isinstance(value, type) and issubclass(value, sheaf.exceptions.SheafError)
+    ]
+    for name in [*sheaf.api.__all__, *errors]:
+        assert name in sheaf.__all__, name
+        assert getattr(sheaf, name) is getattr(sheaf.api if name in sheaf.api.__all__ else sheaf.exceptions, name)
+    readme = (ROOT / "README.md").read_text()
+    imports = re.findall(r"^from sheaf import .+$", readme, flags=re.MULTILINE)
+    assert imports  # the README's examples import from sheaf itself
+    for line in imports:
+        exec(line, {})  # the README's own import lines
+
+
+def forecast_of(entity: str, view: str = "series_history") -> ForecastRequest:
+    ref = FeatureRef(feature_view=view, feature_name="values", entity_key="series_id", entity_value=entity)
+    return ForecastRequest(feature_ref=ref, horizon=4)
+
+
+def test_a_refused_field_raises_invalid_request_sync_and_async(server: Server) -> None:
+    too_long = request(max_new_tokens=31000)  # over the deployment's limit of 30000: the backend refuses it
+    with SheafClient(server.url) as client:
+        refused = [capture(lambda: client.predict("textgen", too_long))]
+        refused.append(capture(lambda: list(client.stream("textgen", too_long))))
+        (_, batched) = client.batch("textgen", [request(), too_long])
+        # Sent unvalidated, so that the server's validation refuses it.
+        malformed = ForecastRequest(history=[1.0]).model_copy(update={"horizon": 0})
+        invalid = capture(lambda: client.predict("forecast", malformed))
+
+    async def run() -> list[BaseException]:
+        async with AsyncSheafClient(server.url) as client:
+            return [
+                await acapture(client.predict("textgen", too_long)),
+                await acapture(consume(client.stream("textgen", too_long))),
+            ]
+
+    refused += asyncio.run(run())
+    for error in [*refused, batched]:
+        assert isinstance(error, InvalidRequest) and isinstance(error, ClientError), repr(error)
+        assert error.status_code == 422
+        assert error.field == "max_new_tokens" and "30000" in error.message
+        assert str(error).startswith("max_new_tokens: ")
+    assert isinstance(invalid, InvalidRequest) and invalid.status_code == 422 and invalid.field == "horizon"
+    assert not isinstance(invalid, FeatureLookupError)
+
+
+def test_an_unknown_feature_entity_raises_feature_lookup_error_sync_and_async(server: Server) -> None:
+    unknown = forecast_of("no-such-series")
+    with SheafClient(server.url) as client:
+        caught = [capture(lambda: client.predict("forecast", unknown))]
+        caught.append(capture(lambda: list(client.stream("forecast", unknown))))
+        (batched,) = client.batch("forecast", [unknown])
+        bad_view = capture(lambda: client.predict("forecast", forecast_of("sales", view="no_such_view")))
+
+    async def run() -> list[BaseException]:
+        async with AsyncSheafClient(server.url) as client:
+            return [
+                await acapture(client.predict("forecast", unknown)),
+                await acapture(consume(client.stream("forecast", unknown))),
+            ]
+
+    caught += asyncio.run(run())
+    for error in [*caught, batched]:
+        assert isinstance(error, FeatureEntityNotFound), repr(error)
+        assert isinstance(error, FeatureLookupError) and isinstance(error, ClientError)
+        assert error.status_code == 404 and error.field == "feature_ref"
+        assert "series_id=no-such-series" in str(error) and "no value" in error.message
+    # A ref naming no view is the caller's mistake: a 422 that is a FeatureLookupError and an InvalidRequest.
+    assert isinstance(bad_view, FeatureRefInvalid) and isinstance(bad_view, InvalidRequest)
+    assert isinstance(bad_view, FeatureLookupError) and bad_view.status_code == 422
+    assert "no_such_view" in str(bad_view)
+
+
+def test_an_unknown_deployment_is_a_client_error_naming_the_ones_there(server: Server) -> None:
+    with SheafClient(server.url) as client:
+        with pytest.raises(ClientError) as unknown:
+            client.predict("nosuch", request())
+        with pytest.raises(ClientError) as unknown_stream:
+            list(client.stream("nosuch", request()))
+    for error in (unknown.value, unknown_stream.value):
+        assert error.status_code == 404
+        assert error.detail == "no deployment named 'nosuch'; these exist: flux, forecast, textgen, whisper"
+
+
+def capture(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error raised")
+
+
+async def acapture(awaitable: Awaitable[object]) -> BaseException:
+    try:
+        await awaitable
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error raised")
+
+
+async def consume(events: AsyncIterator[object]) -> None:
+    async for _ in events:
+        pass

@@ -187,14 +187,40 @@ def test_batch_answers_each_request_in_order_with_its_own_outcome(server: Server
     assert outcomes[0]["body"]["text"] == predict(server, bodies[0]).json()["text"]
 
 
-def test_batch_refuses_more_than_max_batch_size_and_bad_items(server: Server) -> None:
+def test_batch_refuses_more_than_max_batch_size_as_a_whole(server: Server) -> None:
     too_many = httpx.post(f"{server.url}/textgen/batch", json=[PROMPT] * 17, timeout=30)
     assert too_many.status_code == 422
     assert "at most 16 requests" in too_many.json()["detail"][0]["msg"]
-    bad_item = httpx.post(f"{server.url}/textgen/batch", json=[PROMPT, {**PROMPT, "temperature": -1}], timeout=30)
-    assert bad_item.status_code == 422
-    assert bad_item.json()["detail"][0]["loc"][:2] == ["body", 1]
+    not_a_list = httpx.post(f"{server.url}/textgen/batch", json=PROMPT, timeout=30)
+    assert not_a_list.status_code == 422
     assert httpx.post(f"{server.url}/textgen/batch", json=[], timeout=30).json() == []
+
+
+def test_batch_validates_each_item_on_its_own(server: Server) -> None:
+    bodies = [PROMPT, {**PROMPT, "temperature": -1}, "not an object", {**PROMPT, "request_id": "kept"}]
+    response = httpx.post(f"{server.url}/textgen/batch", json=bodies, timeout=30)
+    assert response.status_code == 200, response.text
+    outcomes = response.json()
+    assert [outcome["status"] for outcome in outcomes] == [200, 422, 422, 200]
+    assert outcomes[1]["body"]["detail"][0]["loc"] == ["body", "temperature"]
+    assert outcomes[2]["body"]["detail"][0]["loc"] == ["body"]
+    assert outcomes[3]["body"]["request_id"] == "kept"
+    only_bad = httpx.post(f"{server.url}/textgen/batch", json=[{**PROMPT, "top_p": 0}], timeout=30)
+    assert [outcome["status"] for outcome in only_bad.json()] == [422]
+
+
+def test_an_unknown_deployment_is_a_json_404_naming_the_ones_that_exist(server: Server) -> None:
+    for response in (httpx.post(f"{server.url}/nope/predict", json=PROMPT), httpx.get(f"{server.url}/nope/ready")):
+        assert response.status_code == 404
+        assert response.json()["deployments"] == ["flux", "forecast", "textgen", "whisper"]
+        assert "no deployment named 'nope'" in response.json()["detail"]
+
+
+def test_docs_leads_to_the_swagger_page(server: Server) -> None:
+    response = httpx.get(f"{server.url}/docs", follow_redirects=True)
+    assert response.status_code == 200
+    assert "swagger" in response.text.lower()
+    assert httpx.get(f"{server.url}/docs.json").json()["paths"]["/textgen/predict"]
 
 
 def test_a_hundred_concurrent_streams_complete_or_get_a_fast_503_with_retry_after(server: Server) -> None:

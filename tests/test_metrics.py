@@ -1,11 +1,18 @@
 """sheaf's own series on the entry service's `/metrics`, recorded inside each deployment's worker."""
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, predict_at_once
+from sheaf.metrics import FOLDER_PREFIX, remove_stale_folders
+from tests.conftest import Server, predict_at_once, serve
 
 TEXT = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 6}
 LONG = {**TEXT, "max_new_tokens": 20000}
@@ -82,3 +89,64 @@ def test_logs_carry_the_request_id(server: Server) -> None:
     log = server.log_text()
     assert "textgen predict request_id=logged-predict status=200" in log
     assert "textgen stream request_id=logged-stream events=" in log
+
+
+def test_each_server_keeps_its_own_counts(tmp_path: Path) -> None:
+    # Two servers on one BENTOML_HOME, as every `bentoml serve` of a user is by default.
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "forecast.yaml").write_text(
+        """
+name: forecast
+model: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}
+batching: {max_batch_size: 4, max_latency_ms: 60000}
+"""
+    )
+    inherited = tmp_path / "inherited"  # Feast sets PROMETHEUS_MULTIPROC_DIR in any process that imports it
+    inherited.mkdir()
+    env = {
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+        "SHEAF_CACHE_DIR": str(tmp_path / "cache"),
+        "PROMETHEUS_MULTIPROC_DIR": str(inherited),
+    }
+    body = {"model_type": "time_series", "history": [1.0, 2.0, 3.0, 4.0], "horizon": 2}
+    server = contextmanager(serve)
+
+    def predicts(target: Server) -> float:
+        return value(samples(target), "sheaf_batch_size_count", deployment="forecast")
+
+    def send(target: Server, count: int) -> None:
+        for _ in range(count):  # one at a time: a batch each
+            httpx.post(f"{target.url}/forecast/predict", json=body, timeout=60).raise_for_status()
+
+    def folders(target: Server) -> list[Path]:
+        return list(Path(tempfile.gettempdir()).glob(f"sheaf-metrics-{target.pid}-*"))
+
+    with server(configs, tmp_path / "first.log", env=env, ready=("forecast",)) as first:
+        send(first, 3)
+        assert predicts(first) == 3
+        with server(configs, tmp_path / "second.log", env=env, ready=("forecast",)) as second:
+            assert predicts(first) == 3  # the second's start left the first's counts alone
+            assert predicts(second) == 0  # and shows none of them
+            send(second, 2)
+            assert predicts(second) == 2
+            assert predicts(first) == 3
+            assert len(folders(first)) == 1 and len(folders(second)) == 1
+        assert folders(second) == []  # removed when its server stopped
+        send(first, 1)
+        assert predicts(first) == 4
+    assert folders(first) == []
+
+
+def test_the_folders_of_killed_servers_go_at_the_next_start(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    killed = tmp_path / f"{FOLDER_PREFIX}{gone.pid}-abc"
+    running = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / "sheaf-metrics-notes"
+    for folder in (killed, running, unrelated):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"")
+    remove_stale_folders(str(tmp_path))
+    assert not killed.exists()
+    assert running.exists() and unrelated.exists()

@@ -8,6 +8,18 @@ from pydantic import Field
 
 from sheaf.api.base import BaseRequest, BaseResponse, WireModel
 
+AUDIO_CONTAINERS = {
+    "wav": "WAV",
+    "flac": "FLAC",
+    "mp3": "MP3",
+    "ogg": "Ogg (Vorbis, Opus, FLAC)",
+    "mov": "M4A/MP4",
+    "matroska": "WebM/Matroska",
+    "aac": "AAC (ADTS)",
+    "aiff": "AIFF",
+}
+"""The containers `audio_b64` may be in: FFmpeg's demuxer names, with what people call them."""
+
 
 class Word(WireModel):
     word: str
@@ -39,7 +51,7 @@ class TranscriptionRequest(BaseRequest[TranscriptionResponse]):
     response_model = TranscriptionResponse
 
     model_type: Literal["audio"] = "audio"
-    audio_b64: str = Field(description="An encoded audio file (WAV, FLAC, MP3, OGG ...), base64.")
+    audio_b64: str = Field(description=f"An encoded audio file, base64: {', '.join(AUDIO_CONTAINERS.values())}.")
     language: str | None = Field(None, description="Language code such as `en`; null detects it.")
     task: Literal["transcribe", "translate"] = "transcribe"
     word_timestamps: bool = False

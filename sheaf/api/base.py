@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 
 def new_request_id() -> str:
@@ -25,10 +27,59 @@ def _null_first(schema: dict[str, Any]) -> None:
             field["anyOf"] = [{"type": "null"}, *(option for option in options if option != {"type": "null"})]
 
 
+OPENAPI_REFS = "#/components/schemas/"
+_NULL = {"type": "null"}
+_SUBSCHEMAS = ("items", "additionalProperties", "not")  # keywords holding one schema
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")
+
+
+def _openapi_nullable(schema: dict[str, Any]) -> None:
+    """Write each `anyOf` with a `null` option as OpenAPI 3.0 does: the other options and `nullable: true`.
+
+    OpenAPI 3.0 (BentoML's `/docs.json`) has no null type, and BentoML keeps only an `anyOf`'s
+    first option there, so null first showed `{"type": "null"}` alone on the Swagger page.
+    """
+    options = schema.get("anyOf")
+    if isinstance(options, list) and _NULL in options:
+        others = [option for option in options if option != _NULL]
+        del schema["anyOf"]
+        if len(others) == 1 and "$ref" not in others[0]:
+            schema.update({**others[0], **schema})  # the field's own title, description and default win
+        elif len(others) == 1:
+            schema["allOf"] = others  # OpenAPI 3.0 ignores the siblings of a bare `$ref`, `nullable` too
+        else:
+            schema["anyOf"] = others
+        schema["nullable"] = True
+    for key in _SUBSCHEMAS:
+        if isinstance(schema.get(key), dict):
+            _openapi_nullable(schema[key])
+    for key in _SUBSCHEMA_LISTS:
+        for option in schema.get(key) or ():
+            _openapi_nullable(option)
+    for key in _SUBSCHEMA_MAPS:
+        for sub in (schema.get(key) or {}).values():
+            _openapi_nullable(sub)
+
+
 class WireModel(BaseModel):
-    """A model that goes over the wire: its schema suits BentoML's generated client."""
+    """A model that goes over the wire: its schema suits BentoML's generated client and its Swagger page.
+
+    Its JSON schema (`/schema.json`, which the generated client reads) lists `null` first; a
+    schema for OpenAPI components (refs under `#/components/schemas/`, as BentoML's `/docs.json`
+    asks for) says `nullable: true` beside the real type instead.
+    """
 
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra=_null_first)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler, /) -> JsonSchemaValue:
+        json_schema = handler(core_schema)
+        # The ref template says who asks: pydantic's handler holds the generator it came with.
+        ref_template = getattr(getattr(handler, "generate_json_schema", None), "ref_template", "")
+        if str(ref_template).startswith(OPENAPI_REFS):
+            _openapi_nullable(handler.resolve_ref_schema(json_schema))
+        return json_schema
 
 
 class BaseResponse(WireModel):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from sheaf.api.base import BaseRequest, BaseResponse
+
+MAX_ADAPTER_WEIGHT = 10.0
+# Past a few units LoRA only saturates the image, and past float32's range it is NaN: a black image.
+AdapterWeight = Annotated[float, Field(ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False)]
 
 
 class DiffusionResponse(BaseResponse):
@@ -31,7 +35,9 @@ class DiffusionRequest(BaseRequest[DiffusionResponse]):
     adapters: list[str] | None = Field(
         None, description="LoRA adapters to apply. Null: the deployment's default; []: none at all."
     )
-    adapter_weights: list[float] | None = Field(None, description="One weight per adapter; null: their defaults.")
+    adapter_weights: list[AdapterWeight] | None = Field(
+        None, description="One weight per adapter, a finite number from -10 to 10; null: their defaults."
+    )
     preview_every: int = Field(0, ge=0, le=200, description="Stream only: a preview image every N steps; 0: none.")
 
     @field_validator("prompt")

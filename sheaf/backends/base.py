@@ -9,7 +9,9 @@ A backend overrides three hooks:
   should stop soon, raising `Cancelled`.
 - `stream(request, cancel)` (optional) yields events as the model produces them and
   ends with a `ResultEvent`. It must return soon after `cancel` is set. The default
-  yields a single `ResultEvent` built from `predict_batch`.
+  yields a single `ResultEvent` built from `predict_batch`. A stream that may wait before
+  its first event (a lock, a long first step) yields `ADMITTED` as soon as its request has
+  passed every check, so that the client hears at once that the stream is on its way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ if TYPE_CHECKING:
 class Cancelled(Exception):
     """The work stopped because `cancel` was set: its callers are gone or past their deadline."""
 
+
+class Admitted:
+    """What `stream` yields once its request has passed every check, before the model runs.
+
+    Up to here a refusal is a plain HTTP error (422 ...); after it the stream is accepted
+    (200), and a failure is an `error` event.
+    """
+
+
+ADMITTED = Admitted()
 
 RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
@@ -58,7 +70,7 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         self, requests: Sequence[RequestT], cancel: threading.Event | None = None
     ) -> list[ResponseT | Exception]: ...
 
-    def stream(self, request: RequestT, cancel: threading.Event) -> Iterator[StreamEvent]:
+    def stream(self, request: RequestT, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
         (outcome,) = self.predict_batch([request], cancel)
         if isinstance(outcome, Exception):
             raise outcome

@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -39,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
+from sheaf.api.diffusion import MAX_ADAPTER_WEIGHT, DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
-from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
+from sheaf.backends.base import ADMITTED, Admitted, Backend, Cancelled, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, ModelSource, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -56,6 +57,13 @@ _diffusers: Any = diffusers
 # How long closing a stream waits for its pipeline thread, which stops within one step.
 _JOIN_TIMEOUT_S = 60.0
 _SEED_BITS = 63
+# Unicode's White_Space, which the text encoders' tokenizers split words on and drop (Python's `str.isspace`
+# also takes the separators U+001C..U+001F, which they keep as characters).
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+_WITHOUT_WHITESPACE = str.maketrans("", "", _WHITESPACE)
+_WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
 
 
 @dataclass(frozen=True)
@@ -68,28 +76,27 @@ class _Shape:
     guidance_scale: float
     negative_prompt: str
 
-    @classmethod
-    def of(cls, request: DiffusionRequest) -> _Shape:
-        return cls(
-            request.height,
-            request.width,
-            request.num_inference_steps,
-            request.guidance_scale,
-            request.negative_prompt.strip(),
-        )
-
 
 @dataclass
 class _Job:
-    """A validated request: its adapter selection and the seed it runs with."""
+    """A validated request: its adapter selection, the seed it runs with and its texts as they are encoded."""
 
     request: DiffusionRequest
     selection: Selection
     seed: int
+    prompt: str
+    negative_prompt: str
+
+    @property
+    def shape(self) -> _Shape:
+        request = self.request
+        return _Shape(
+            request.height, request.width, request.num_inference_steps, request.guidance_scale, self.negative_prompt
+        )
 
     @property
     def key(self) -> _GroupKey:
-        return _Shape.of(self.request), self.selection
+        return self.shape, self.selection
 
 
 _GroupKey = tuple[_Shape, Selection]
@@ -107,6 +114,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         self._default_weights = {adapter.name: adapter.weight for adapter in self._options.adapters}
         self._pipe: Any = None  # a diffusers FluxPipeline
         self._adapters: AdapterLock | None = None
+        self._max_prompt_chars = 0  # set by load(), from the T5 tokenizer
 
     @property
     def pipe(self) -> Any:
@@ -134,6 +142,10 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         if self._options.batch_invariant:
             # After the adapters: their LoRA layers hold linear layers too, and must be covered.
             _per_sample_linears(pipe.transformer)
+        # No token of T5's vocabulary spans more characters than its longest piece (whose `▁` stands for the
+        # space before a word), so a text longer than the limit's worth of them cannot fit: it is refused
+        # before anything tokenises it, which takes seconds for a few megabytes.
+        self._max_prompt_chars = self._options.max_sequence_length * max(map(len, pipe.tokenizer_2.get_vocab()))
         self._pipe = pipe
         self._adapters = AdapterLock(self._apply_selection, deployment=self.config.name)
         logger.info(
@@ -173,6 +185,12 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             )
         else:
             weights = list(request.adapter_weights)
+        for weight in weights:  # the contract checks a parsed request; this one may have been built otherwise
+            if not (math.isfinite(weight) and abs(weight) <= MAX_ADAPTER_WEIGHT):
+                raise InvalidRequest(
+                    "adapter_weights",
+                    f"must be a finite number from {-MAX_ADAPTER_WEIGHT:g} to {MAX_ADAPTER_WEIGHT:g}; got {weight}",
+                )
         return tuple(sorted(zip(names, weights, strict=True)))
 
     def predict_batch(
@@ -225,8 +243,9 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         metadata = {"batch_size": len(group), "inference_ms": elapsed, "adapters": dict(selection)}
         return [self._response(job, image, dict(metadata)) for job, image in zip(group, images, strict=True)]
 
-    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
         job = self._prepare(request)  # raises InvalidRequest before any event
+        yield ADMITTED  # the adapter lock may keep it waiting: say at once that it is accepted
         run = _StreamRun(job)
         stop = _AnyEvent(cancel)  # also set by this generator when it is closed early
         worker = threading.Thread(
@@ -260,7 +279,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
     def _stream_worker(self, run: _StreamRun, stop: threading.Event) -> None:
         """Body of a stream's pipeline thread; the consumer re-raises its failure in its own thread."""
         job = run.job
-        shape = _Shape.of(job.request)
+        shape = job.shape
         every = job.request.preview_every
 
         def on_step(index: int, latents: torch.Tensor) -> None:
@@ -292,14 +311,32 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
                 f"{request.width}x{request.height} is {pixels} pixels; this deployment's limit is "
                 f"{self._options.max_pixels}",
             )
-        limit = self._options.max_sequence_length
-        for field in ("prompt", "negative_prompt"):
-            # T5 would silently drop what is past the limit: say so instead of drawing half a prompt.
-            tokens = len(self.pipe.tokenizer_2(getattr(request, field), truncation=False)["input_ids"])
-            if tokens > limit:
-                raise InvalidRequest(field, f"is {tokens} tokens; this deployment reads at most {limit}")
+        prompt = self._prompt_text("prompt", request.prompt)
+        negative_prompt = self._prompt_text("negative_prompt", request.negative_prompt).strip()
         seed = request.seed if request.seed is not None else secrets.randbits(_SEED_BITS)
-        return _Job(request, self.selection(request), seed)
+        return _Job(request, self.selection(request), seed, prompt, negative_prompt)
+
+    def _prompt_text(self, field: str, text: str) -> str:
+        """`text` as the encoders get it; InvalidRequest naming `field` when T5 cannot read all of it.
+
+        A text too long to fit is refused by its length, without tokenising it. Runs of whitespace do not
+        count (the tokenizers drop them), and a long text has them collapsed to one space before anything
+        tokenises it, which gives the same tokens. (The bound still counts characters that a tokenizer drops
+        or folds into one unknown token, which the model cannot read anyway.)
+        """
+        limit, bound = self._options.max_sequence_length, self._max_prompt_chars
+        if len(text) > bound:
+            visible = len(text.translate(_WITHOUT_WHITESPACE))  # a C loop: milliseconds for megabytes
+            if visible > bound:
+                raise _too_long(field, f"{visible} characters besides whitespace", limit, bound)
+            text = _WHITESPACE_RUN.sub(" ", text)
+            if len(text) > bound:
+                raise _too_long(field, f"{len(text)} characters with each run of whitespace as one", limit, bound)
+        # T5 would silently drop what is past the limit: say so instead of drawing half a prompt.
+        tokens = len(self.pipe.tokenizer_2(text, truncation=False)["input_ids"])
+        if tokens > limit:
+            raise InvalidRequest(field, f"is {tokens} tokens; this deployment reads at most {limit}")
+        return text
 
     # -- the pipeline (only ever called under the adapter lock) --------------------------------
 
@@ -308,7 +345,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         pipe = self.pipe
         height, width = self._model_size(shape.height), self._model_size(shape.width)
         with torch.inference_mode():
-            embeds, pooled = self._encode([job.request.prompt for job in jobs])
+            embeds, pooled = self._encode([job.prompt for job in jobs])
             guidance: dict[str, Any] = {}
             if shape.negative_prompt and shape.guidance_scale > 1.0:  # diffusers ignores it at or below 1
                 negative, negative_pooled = self._encode([shape.negative_prompt] * len(jobs))
@@ -470,6 +507,12 @@ def _location(source: ModelSource) -> str:
     if location is None:
         raise ValueError("a FLUX model or adapter source must give `path`, `hub` or `build`")
     return location
+
+
+def _too_long(field: str, length: str, limit: int, bound: int) -> InvalidRequest:
+    return InvalidRequest(
+        field, f"is {length}; this deployment reads at most {limit} tokens, which never hold more than {bound}"
+    )
 
 
 def _log_cancelled(run: _StreamRun) -> None:

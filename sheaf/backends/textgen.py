@@ -4,7 +4,13 @@ One `model.generate` call serves a whole batch, yet every row keeps its own sett
 `_RowSampler` picks each row's next token with that row's temperature, top_p and random
 generator (generate itself then only takes the one token left possible), and `_RowStopper`
 ends each row at its own max_new_tokens, stop strings or EOS. So a request's text does not
-depend on which other requests shared its batch: the same seed gives the same text.
+depend on which other requests shared its batch: the same seed gives the same text. A row
+whose own work fails (its sampling, its decoding) ends there with its error as its outcome;
+the rest of its batch goes on.
+
+Text never ends in part of a character: while the last tokens are an incomplete UTF-8
+sequence, that piece is held back, and a reply that ends inside a character (at its token
+limit, a cancel or EOS) drops it, in a stream and a predict alike.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
+from sheaf.backends.base import Admitted, Backend, Cancelled, elapsed_ms, torch_device
 from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location, write_once
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import TextGenerationOptions
@@ -60,6 +66,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._eos_ids: frozenset[int] = frozenset()
         self._context = 0
+        self._max_prompt_chars = 0
 
     @property
     def model(self) -> PreTrainedModel:
@@ -96,6 +103,8 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             pad_token_id=tokenizer.pad_token_id,
         )
         self._context = _context_length(model, tokenizer)
+        # No token stands for more characters than its vocabulary entry has, so a longer text cannot fit.
+        self._max_prompt_chars = self._context * _longest_token(tokenizer)
         self._model, self._tokenizer = model, tokenizer
         logger.info(
             "loaded %s from %s on %s in %.1f s", self.config.name, weights, model.device, elapsed_ms(started) / 1000
@@ -147,9 +156,11 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             return item
         if failure is not None:
             return failure
+        if item.failure is not None:
+            return item.failure
         return self._response(item, item.text(), item.finish_reason or "length", dict(metadata))
 
-    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
         decoding = self._prepare(request)
         if isinstance(decoding, Exception):
             raise decoding
@@ -171,7 +182,9 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
                     raise piece
                 yield TokenEvent(text=piece, index=index)
                 index += 1
-            # The thread has ended: what it held back (a partial character, a possible stop string) goes out now.
+            if decoding.failure is not None:  # this row's own sampling or decoding failed
+                raise decoding.failure
+            # The thread has ended: what it held back (a possible stop string) goes out now.
             final = decoding.text()
             rest = final[len(streamer.released) :] if final.startswith(streamer.released) else ""
             if rest:
@@ -191,11 +204,13 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
 
     def _prepare(self, request: TextGenerationRequest) -> _Decoding | Exception:
+        """The request's row for generate, or the error that this one request hit: it stays its own outcome."""
         try:
             prompt_ids = self._encode(request)
-        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
+            sampling = _Sampling.of(request)
+        except Exception as exc:  # InvalidRequest, or whatever else
             return exc
-        return _Decoding(self.tokenizer, request, prompt_ids, self._eos_ids)
+        return _Decoding(self.tokenizer, request, prompt_ids, self._eos_ids, sampling)
 
     def _encode(self, request: TextGenerationRequest) -> list[int]:
         """The prompt's token ids; InvalidRequest when this deployment cannot take the request."""
@@ -205,6 +220,14 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
                 "max_new_tokens", f"{request.max_new_tokens} is above this deployment's limit of {limit}"
             )
         field = "messages" if request.prompt is None else "prompt"
+        # Checked before the tokenizer runs, which takes seconds over megabytes of text.
+        chars = len(request.prompt) if request.prompt is not None else sum(len(m.content) for m in request.messages)
+        if chars > self._max_prompt_chars:
+            raise InvalidRequest(
+                field,
+                f"is {chars} characters; no text over {self._max_prompt_chars} characters "
+                f"fits the model's context of {self._context} tokens",
+            )
         prompt_ids = self._prompt_ids(request)
         if not prompt_ids:
             raise InvalidRequest(field, "is empty once tokenized")
@@ -248,7 +271,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             attention_mask=torch.tensor(attention_mask, device=model.device),
             max_new_tokens=max(row.request.max_new_tokens for row in rows),
             do_sample=False,  # `_RowSampler` leaves a single possible token per row
-            logits_processor=LogitsProcessorList([_RowSampler([_Sampling.of(row.request) for row in rows])]),
+            logits_processor=LogitsProcessorList([_RowSampler(rows, pad_id)]),
             stopping_criteria=StoppingCriteriaList([_RowStopper(rows, halt)]),
             streamer=streamer,
         )
@@ -286,31 +309,50 @@ class _Decoding:
         request: TextGenerationRequest,
         prompt_ids: list[int],
         eos_ids: frozenset[int],
+        sampling: _Sampling,
     ) -> None:
         self.request = request
         self.prompt_ids = prompt_ids
+        self.sampling = sampling
         self.tokens: list[int] = []
         self.finish_reason: Literal["stop", "length"] | None = None
+        self.failure: Exception | None = None  # this row's own work failed: its outcome, and it takes no more tokens
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._stop_at: int | None = None  # where the first stop string begins in the decoded text
+        self._settled = 0  # how much of the decoded text no later token changes: scanned for stops already
+        self._longest_stop = max(map(len, request.stop), default=0)
         self._decoded = (0, "")  # (token count, text) of the last decode
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.failure is not None
+
+    def fail(self, exc: Exception) -> None:
+        logger.warning("request %s failed alone: %s: %s", self.request.request_id, type(exc).__name__, exc)
+        self.failure = exc
 
     def push(self, token: int) -> bool:
         """Take the row's next token; True once the row has finished (later tokens are padding)."""
-        if self.finish_reason is not None:
+        if self.done:
             return True
         if token in self._eos_ids:
             self.finish_reason = "stop"
             return True
         self.tokens.append(token)
         if self.request.stop:
-            self._stop_at = _first_stop(self.full_text(), self.request.stop)
+            self._scan_for_stops()
         if self._stop_at is not None:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.request.max_new_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+    def _scan_for_stops(self) -> None:
+        """Look for a stop string only where one could still begin: it must end in the text the last token changed."""
+        full = self.full_text()
+        self._stop_at = _first_stop(full, self.request.stop, max(0, self._settled - self._longest_stop + 1))
+        self._settled = len(_complete(full))  # a trailing partial character may yet decode differently
 
     def full_text(self) -> str:
         if self._decoded[0] != len(self.tokens):
@@ -318,9 +360,9 @@ class _Decoding:
         return self._decoded[1]
 
     def text(self) -> str:
-        """The text so far, cut before the first stop string."""
+        """The text so far, cut before the first stop string, without a trailing partial character."""
         full = self.full_text()
-        return full if self._stop_at is None else full[: self._stop_at]
+        return _complete(full if self._stop_at is None else full[: self._stop_at])
 
     def completion_tokens(self) -> int:
         """Tokens up to the cut: the fewest leading tokens whose text reaches it (best effort)."""
@@ -351,7 +393,10 @@ class _Sampling:
         if request.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(request.seed)
+            try:
+                generator.manual_seed(request.seed)
+            except (ValueError, RuntimeError, OverflowError) as exc:  # out of the generator's range
+                raise InvalidRequest("seed", f"cannot seed a random generator with it: {exc}") from exc
         return cls(request.temperature, request.top_p, generator)
 
     def pick(self, logits: torch.Tensor) -> int:
@@ -377,13 +422,26 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class _RowSampler(LogitsProcessor):
-    """Chooses each row's next token itself and masks every other token, so greedy generate takes it."""
+    """Chooses each row's next token itself and masks every other token, so greedy generate takes it.
 
-    def __init__(self, rows: list[_Sampling]) -> None:
+    A finished row gets padding (generate pads it anyway); a row whose pick fails is failed alone.
+    """
+
+    def __init__(self, rows: Sequence[_Decoding], pad_id: int) -> None:
         self._rows = rows
+        self._pad_id = pad_id
+
+    def _pick(self, row: _Decoding, logits: torch.Tensor) -> int:
+        if row.done:
+            return self._pad_id
+        try:
+            return row.sampling.pick(logits)
+        except Exception as exc:
+            row.fail(exc)
+            return self._pad_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        picks = [row.pick(logits) for row, logits in zip(self._rows, scores, strict=True)]
+        picks = [self._pick(row, logits) for row, logits in zip(self._rows, scores, strict=True)]
         forced = torch.full_like(scores, float("-inf"))
         forced[torch.arange(len(picks), device=scores.device), torch.tensor(picks, device=scores.device)] = 0.0
         return forced
@@ -397,10 +455,19 @@ class _RowStopper(StoppingCriteria):
         self._halt = halt
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        finished = [row.push(token) for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True)]
+        finished = [_push(row, token) for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True)]
         if self._halt():
             finished = [True] * len(finished)
         return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+def _push(row: _Decoding, token: int) -> bool:
+    """`row.push(token)`; a failure of this row's own decoding or stop scan fails the row alone."""
+    try:
+        return row.push(token)
+    except Exception as exc:
+        row.fail(exc)
+        return True
 
 
 class _TextStreamer(BaseStreamer):
@@ -420,8 +487,8 @@ class _TextStreamer(BaseStreamer):
         if not self._prompt_seen:  # generate hands over the prompt first
             self._prompt_seen = True
             return
-        text = self._decoding.text()  # `_RowStopper` has already taken this step's token
-        end = len(text) if self._decoding.finish_reason else _releasable_end(text, self._decoding.request.stop)
+        text = self._decoding.text()  # `_RowStopper` has already taken this step's token; no partial character
+        end = len(text) if self._decoding.done else len(text) - _stop_prefix(text, self._decoding.request.stop)
         if end > len(self.released) and text.startswith(self.released):
             piece = text[len(self.released) : end]
             self.released += piece
@@ -431,24 +498,32 @@ class _TextStreamer(BaseStreamer):
         """Nothing to do: the thread running generate marks the end, failure included."""
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where the first of `stops` begins in `text`, looking from `start` on."""
+    found = [at for at in (text.find(stop, start) for stop in stops) if at >= 0]
     return min(found, default=None)
 
 
-def _releasable_end(text: str, stops: Sequence[str]) -> int:
-    """How much of a running text may go out: not a trailing partial character, nor a suffix that may begin a stop."""
-    end = len(text.rstrip("\ufffd"))
-    held = max(
-        (
-            size
-            for stop in stops
-            for size in range(1, min(len(stop) - 1, end) + 1)
-            if text.endswith(stop[:size], 0, end)
-        ),
-        default=0,
-    )
-    return end - held
+def _complete(text: str) -> str:
+    """`text` without a trailing incomplete character, which decoding writes as U+FFFD.
+
+    (A U+FFFD that the model really wrote last goes too: the two cannot be told apart there.)
+    """
+    return text.rstrip("\ufffd")
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string: it must wait for the next token."""
+    held = 0
+    for stop in stops:
+        start = max(0, len(text) - len(stop) + 1)
+        at = text.find(stop[0], start)
+        while at >= 0 and len(text) - at > held:
+            if stop.startswith(text[at:]):
+                held = len(text) - at
+                break
+            at = text.find(stop[0], at + 1)
+    return held
 
 
 def _log_cancelled(decoding: _Decoding) -> None:
@@ -461,6 +536,18 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
     ids = set(configured if isinstance(configured, list) else [configured])
     ids.add(tokenizer.eos_token_id)
     return frozenset(i for i in ids if isinstance(i, int))
+
+
+def _longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters of text that one token can take: its longest vocabulary entry, added tokens included.
+
+    A byte-level entry has a character per byte and a SentencePiece one a character per character, so
+    no entry is shorter than the text it stands for. A normalizer could shorten text first (composing
+    accents), so a tokenizer with one gets some room.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return longest * (4 if backend is not None and backend.normalizer is not None else 1)
 
 
 def _context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:

@@ -1,7 +1,9 @@
 """Speech to text with faster-whisper (Whisper on CTranslate2): batched, streamed, cancellable.
 
-Each request's audio is decoded on its own (PyAV, in memory, capped at the deployment's
-length limit), so one bad clip is that request's 422 and never its batch-mates' failure.
+Each request's audio is decoded on its own (PyAV, in memory), so one bad clip is that request's
+422 and never its batch-mates' failure. Only the containers in `AUDIO_CONTAINERS` are
+opened, and a clip's length is counted from its packets before any of it is decoded, so a clip
+over the deployment's limit costs a moment of demuxing, not the decoding of minutes of audio.
 
 Two ways to run a batch, chosen by the `batched` option:
 
@@ -42,9 +44,9 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper import transcribe as fw
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse, Word
+from sheaf.api.audio import AUDIO_CONTAINERS, Segment, TranscriptionRequest, TranscriptionResponse, Word
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
-from sheaf.backends.base import Backend, Cancelled, elapsed_ms
+from sheaf.backends.base import ADMITTED, Admitted, Backend, Cancelled, elapsed_ms
 from sheaf.config import DeploymentConfig, find_in_package, weights_location
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import WhisperOptions
@@ -62,6 +64,10 @@ PIECES_PER_CALL = {"cpu": 4, "cuda": 16}
 # WhisperModel.transcribe's defaults for skipping a silent window.
 NO_SPEECH_THRESHOLD, LOG_PROB_THRESHOLD = 0.6, -1.0
 CUT_SEARCH_SECONDS = 5  # how far before the 30 s limit a clip's cut may move to find a pause
+
+# Only these demuxers open a request's audio. The rest stay closed: image, subtitle and raw formats, and
+# playlists (HLS, concat) that would open the files or addresses they list.
+_NOT_AUDIO = f"is not a decodable audio file; accepted: {', '.join(AUDIO_CONTAINERS.values())}"
 
 BATCHED_BY_DEFAULT = True
 """Measured with the real tiny.en weights (int8, beam 5) on the 2-core CPU, batches of 3-4 s espeak
@@ -189,13 +195,15 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             return result
         return self._response(clip, result, {**metadata, "decode_ms": clip.decode_ms})
 
-    def stream(self, request: TranscriptionRequest, cancel: threading.Event) -> Iterator[StreamEvent]:
+    def stream(self, request: TranscriptionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
         clip = self._prepare(request)
         if isinstance(clip, Exception):
             raise clip
+        language = self._language(request)
+        yield ADMITTED  # the first window takes seconds to decode: say at once that it is accepted
         started = time.perf_counter()
         # Features and (when asked) language detection happen here, before the first segment.
-        segments, info = self.model.transcribe(clip.audio, **_decoding_arguments(request, self._language(request)))
+        segments, info = self.model.transcribe(clip.audio, **_decoding_arguments(request, language))
         pending = iter(segments)  # lazy: each window decodes when the next segment is pulled
         streamed: list[Segment] = []
         cancelled = False
@@ -387,7 +395,9 @@ def decode_request_audio(audio_b64: str, max_seconds: float) -> Audio:
     except _NoAudio as exc:
         raise InvalidRequest("audio_b64", str(exc)) from None
     except (av.FFmpegError, ValueError, OSError, EOFError, IndexError, RuntimeError) as exc:
-        raise InvalidRequest("audio_b64", f"is not a decodable audio file ({type(exc).__name__}: {exc})") from None
+        # FFmpeg's words (an errno, the buffer's placeholder name `<none>`) mean nothing to the caller.
+        logger.debug("undecodable audio: %s: %s", type(exc).__name__, exc)
+        raise InvalidRequest("audio_b64", _NOT_AUDIO) from None
     if len(audio) == 0:
         raise InvalidRequest("audio_b64", "holds no audio samples")
     return audio
@@ -411,16 +421,23 @@ class _TooLong(Exception):
 
 def _decode(data: bytes, max_seconds: float) -> Audio:
     """faster_whisper.decode_audio's decoding (s16 mono at 16 kHz, damaged frames skipped, scaled to
-    [-1, 1)), but it stops at the length limit: a small file can declare or decode into hours of audio,
-    and decode_audio would hold all of it in memory before anyone could check its length."""
+    [-1, 1)), but only for audio within the length limit: a small file can hold hours of silence, and
+    decode_audio would decode all of it into memory before anyone could check its length.
+
+    The length is counted twice: from the packets' durations before decoding (the container's framing,
+    exact, and cheap: 0.1 s for ten minutes of any format), then from the decoded samples, which also
+    stops a file whose packets understate what they decode to."""
     limit = math.floor(max_seconds * SAMPLE_RATE)
+    with _open(data) as container:
+        stream = _audio_stream(container)
+        declared = _declared_seconds(container, stream)
+        counted = _packet_seconds(container, stream, max_seconds)
+        if counted > max_seconds:
+            raise _TooLong(counted, declared)
     chunks: list[npt.NDArray[np.int16]] = []
     total = 0
-    with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
-        if not container.streams.audio:
-            raise _NoAudio("holds no audio stream")
-        stream = container.streams.audio[0]
-        declared = container.duration / av.time_base if container.duration else None
+    with _open(data) as container:
+        stream = _audio_stream(container)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         for frame in _frames(container, stream):
             frame.pts = None  # a gap or jump in timestamps must not stop the resampler
@@ -437,6 +454,42 @@ def _decode(data: bytes, max_seconds: float) -> Audio:
         raise _TooLong(total / SAMPLE_RATE, declared)
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
     return (samples.astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def _open(data: bytes) -> InputContainer:
+    # Only the accepted demuxers: FFmpeg checks the list after probing, before the demuxer reads anything.
+    options = {"format_whitelist": ",".join(AUDIO_CONTAINERS)}
+    return av.open(io.BytesIO(data), mode="r", metadata_errors="ignore", container_options=options)
+
+
+def _audio_stream(container: InputContainer) -> av.AudioStream:
+    if not container.streams.audio:
+        raise _NoAudio("holds no audio stream")
+    return container.streams.audio[0]
+
+
+def _declared_seconds(container: InputContainer, stream: av.AudioStream) -> float | None:
+    """The length the header gives (or FFmpeg estimated from the bit rate, which can be far off): for messages."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration else None
+
+
+def _packet_seconds(container: InputContainer, stream: av.AudioStream, max_seconds: float) -> float:
+    """The stream's length from its packets' durations, read without decoding; the count stops once past
+    `max_seconds`. Damage ends the count early: decoding, which skips what it cannot read, then decides."""
+    if stream.time_base is None:
+        return 0.0
+    limit = max_seconds / stream.time_base  # in the stream's ticks
+    total = 0
+    try:
+        for packet in container.demux(stream):
+            total += packet.duration or 0
+            if total > limit:
+                break
+    except (av.FFmpegError, EOFError):
+        pass
+    return float(total * stream.time_base)
 
 
 def _samples(frame: av.AudioFrame) -> npt.NDArray[np.int16]:

@@ -3,6 +3,8 @@
 import base64
 import io
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -12,16 +14,19 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent
-from sheaf.backends.base import Cancelled
+from sheaf.backends.base import ADMITTED, Cancelled
 from sheaf.backends.flux import FluxBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import Selection
 from sheaf.tiny_models import build_tiny_flux, build_tiny_flux_lora_a, build_tiny_flux_lora_b
 from tests.backends.cancelling import cancel_on_cue
+from tests.backends.streams import events
 
 PREVIEW_MAX_SIDE = 32
 MAX_PIXELS = 64 * 128
@@ -93,9 +98,9 @@ def predict(backend: FluxBackend, req: DiffusionRequest) -> DiffusionResponse:
 def stream(
     backend: FluxBackend, req: DiffusionRequest, cancel: threading.Event | None = None
 ) -> tuple[list[ProgressEvent], DiffusionResponse]:
-    *events, last = backend.stream(req, cancel or threading.Event())
-    progress = [event for event in events if isinstance(event, ProgressEvent)]
-    assert len(progress) == len(events)
+    *before, last = events(backend.stream(req, cancel or threading.Event()))
+    progress = [event for event in before if isinstance(event, ProgressEvent)]
+    assert len(progress) == len(before)
     assert isinstance(last, ResultEvent) and isinstance(last.response, DiffusionResponse)
     return progress, last.response
 
@@ -328,15 +333,93 @@ def mismatched_weights() -> DiffusionRequest:
 def test_invalid_requests_fail_before_any_event(
     backend: FluxBackend, make: Callable[[], DiffusionRequest], field: str, message: str
 ) -> None:
-    events = backend.stream(make(), threading.Event())
+    assert_refused_before_any_event(backend, make, field, message)
+
+
+def assert_refused_before_any_event(
+    backend: FluxBackend, make: Callable[[], DiffusionRequest], field: str, message: str
+) -> None:
     with pytest.raises(InvalidRequest) as raised:
-        next(events)
+        next(backend.stream(make(), threading.Event()))
     assert raised.value.field == field
     assert message in raised.value.message
 
     invalid, valid = backend.predict_batch([make(), request()])
     assert isinstance(invalid, InvalidRequest) and invalid.field == field
     assert isinstance(valid, DiffusionResponse)
+
+
+def weights_of(weight: float) -> Callable[[], DiffusionRequest]:
+    def make() -> DiffusionRequest:
+        req = request(adapters=["a"])
+        req.adapter_weights = [weight]  # the contract refuses this at parsing; the backend checks again
+        return req
+
+    return make
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf, 1e308, -10.5])
+def test_adapter_weights_must_be_finite_and_at_most_10(backend: FluxBackend, weight: float) -> None:
+    with pytest.raises(ValidationError) as parsed:
+        request(adapters=["a"], adapter_weights=[weight])
+    assert [error["loc"][0] for error in parsed.value.errors()] == ["adapter_weights"]
+    assert_refused_before_any_event(
+        backend, weights_of(weight), "adapter_weights", "must be a finite number from -10 to 10"
+    )
+
+
+def test_configured_adapter_weights_must_be_finite_and_at_most_10(weights: dict[str, Path]) -> None:
+    for weight in (math.nan, math.inf, 11.0):
+        options = {"adapters": [{"name": "a", "source": {"path": str(weights["a"])}, "weight": weight}]}
+        with pytest.raises(ValidationError, match="weight"):
+            FluxBackend(
+                DeploymentConfig(name="flux", model=ModelSource(path=str(weights["pipeline"])), options=options)
+            )
+
+
+@pytest.fixture
+def tokenized(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every text any tokenizer is asked to encode from now on (CLIP's and T5's alike)."""
+    lengths: list[int] = []
+    call = PreTrainedTokenizerBase.__call__
+
+    def recorded(tokenizer: PreTrainedTokenizerBase, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        lengths.extend(len(item) for item in ([text] if isinstance(text, str) else text or []))
+        return call(tokenizer, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", recorded)
+    return lengths
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_huge_prompt_is_refused_without_tokenising_it(backend: FluxBackend, tokenized: list[int], field: str) -> None:
+    huge = "a red fox in the snow " * 500_000  # 11 MB
+    invalid, valid = backend.predict_batch([request(**{field: huge}), request()])
+    assert isinstance(invalid, InvalidRequest) and invalid.field == field
+    assert re.search(r"is \d+ characters besides whitespace; this deployment reads at most 512 tokens", str(invalid))
+    assert isinstance(valid, DiffusionResponse)
+    with pytest.raises(InvalidRequest) as raised:
+        next(backend.stream(request(**{field: huge}), threading.Event()))
+    assert raised.value.field == field
+    assert tokenized and max(tokenized) < 10_000  # the valid request's texts only
+
+
+def test_the_length_bound_never_refuses_a_prompt_that_fits(backend: FluxBackend, tokenized: list[int]) -> None:
+    # The vocabulary's longest word, as many times as T5 reads (its end-of-text token takes the last place).
+    longest = max((piece for piece in backend.pipe.tokenizer_2.get_vocab() if piece.startswith("▁")), key=len)
+    longest_words = " ".join([longest[1:]] * 511)
+    padded = "a red fox" + " \n\t" * 1_000_000 + "in the snow"  # 3 MB, 6 tokens: whitespace only separates words
+    for prompt in (longest_words, padded):
+        outcome = predict(backend, request(prompt=prompt, num_inference_steps=1))
+        assert outcome.image_b64
+    assert max(tokenized) < 10_000  # the padding's whitespace never reached a tokenizer either
+    one_more = predict_batch_one(backend, request(prompt=longest_words + " " + longest[1:]))
+    assert isinstance(one_more, InvalidRequest) and "is 513 tokens" in one_more.message
+
+
+def predict_batch_one(backend: FluxBackend, req: DiffusionRequest) -> DiffusionResponse | Exception:
+    (outcome,) = backend.predict_batch([req])
+    return outcome
 
 
 # -- cancellation and failures -----------------------------------------------------------------
@@ -351,7 +434,7 @@ def test_cancel_stops_the_stream_within_one_step(
     cancel = threading.Event()
     received: list[Any] = []
     started_at_cancel = 0
-    for event in backend.stream(req, cancel):
+    for event in events(backend.stream(req, cancel)):
         received.append(event)
         if isinstance(event, ProgressEvent) and event.step == 3:
             started_at_cancel = calls[0]
@@ -370,13 +453,14 @@ def test_closing_the_stream_early_stops_it(
     caplog.set_level(logging.INFO, logger="sheaf.backends.flux")
     calls = count_denoising_steps(monkeypatch, backend)
     req = request(num_inference_steps=200)
-    events = backend.stream(req, threading.Event())
-    first, second = next(events), next(events)
+    stream = backend.stream(req, threading.Event())
+    assert next(stream) is ADMITTED
+    first, second = next(stream), next(stream)
     assert isinstance(first, ProgressEvent) and isinstance(second, ProgressEvent)
     assert (first.step, second.step) == (1, 2)
     started_at_close = calls[0]
-    assert isinstance(events, Generator)
-    events.close()
+    assert isinstance(stream, Generator)
+    stream.close()
     assert calls[0] <= started_at_close + 1
     assert f"stream {req.request_id} cancelled after {calls[0]} steps" in caplog.messages
     assert_lock_free(backend)
@@ -397,7 +481,7 @@ def test_cancel_while_waiting_for_the_lock_ends_the_stream(
         cancel.set()
         consumer.join(60)  # a guard against a hang: the stream leaves the queue at once
         assert not consumer.is_alive()
-    assert received == []
+    assert received == [ADMITTED]  # accepted at once, while it waited its turn
     assert f"stream {req.request_id} cancelled after 0 steps" in caplog.messages
     assert_lock_free(backend)
 
@@ -444,7 +528,7 @@ def test_a_pipeline_failure_mid_stream_follows_the_events_before_it(
     count_denoising_steps(monkeypatch, backend, fail_third)
     received: list[Any] = []
     with pytest.raises(RuntimeError, match="boom at step 3"):
-        for event in backend.stream(request(num_inference_steps=10), threading.Event()):
+        for event in events(backend.stream(request(num_inference_steps=10), threading.Event())):
             received.append(event)
     assert [event.step for event in received] == [1, 2]
     monkeypatch.undo()

@@ -280,6 +280,154 @@ def test_a_failed_model_call_fails_only_the_valid_requests_in_it(
     assert [type(outcome) for outcome in outcomes] == [RuntimeError, InvalidRequest, RuntimeError]
 
 
+def test_a_row_whose_sampling_set_up_fails_fails_alone_in_its_batch(backend: TextGenerationBackend) -> None:
+    mates = [request(max_new_tokens=12, temperature=1.0, seed=3), request(prompt="A", max_new_tokens=9)]
+    alone = [essentials(predict(backend, req)) for req in mates]
+    # The contract refuses such a seed; one that reaches the backend anyway (built past validation) is
+    # still refused by the random generator's own set-up: it must fail alone.
+    bad = request(max_new_tokens=12, temperature=1.0).model_copy(update={"seed": 2**64})
+
+    first, refused, last = backend.predict_batch([mates[0], bad, mates[1]])
+    assert isinstance(refused, InvalidRequest) and refused.field == "seed", refused
+    for outcome, expected in zip((first, last), alone, strict=True):
+        assert isinstance(outcome, TextGenerationResponse), outcome
+        assert outcome.metadata["batch_size"] == 2
+        assert essentials(outcome) == expected
+    with pytest.raises(InvalidRequest, match="seed"):
+        next(backend.stream(bad, threading.Event()))
+
+
+def test_a_row_whose_sampling_fails_midway_fails_alone_in_its_batch(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mates = [request(max_new_tokens=20), request(prompt="A", max_new_tokens=15, temperature=0.9, seed=4)]
+    alone = [essentials(predict(backend, req)) for req in mates]
+    doomed = request(prompt="My sister paints", max_new_tokens=20, temperature=0.5, seed=1)
+    pick = textgen._Sampling.pick
+    picks = [0]
+
+    def fail_on_the_fifth(sampling: textgen._Sampling, logits: Any) -> int:
+        if sampling.temperature == 0.5:  # the doomed row only
+            picks[0] += 1
+            if picks[0] == 5:
+                raise RuntimeError("sampling failed on purpose")
+        return pick(sampling, logits)
+
+    monkeypatch.setattr(textgen._Sampling, "pick", fail_on_the_fifth)
+    first, failed, last = backend.predict_batch([mates[0], doomed, mates[1]])
+    assert isinstance(failed, RuntimeError) and "on purpose" in str(failed)
+    assert picks[0] == 5  # no further picks for a failed row
+    assert [essentials(outcome) for outcome in (first, last)] == alone  # type: ignore[arg-type]
+
+    picks[0] = 0
+    received = []
+    with pytest.raises(RuntimeError, match="on purpose"):
+        for event in backend.stream(doomed, threading.Event()):
+            received.append(event)
+    assert all(isinstance(event, TokenEvent) for event in received)
+    assert not stream_threads()
+
+
+def count_tokenized(monkeypatch: pytest.MonkeyPatch, backend: TextGenerationBackend) -> list[int]:
+    """Make the backend's tokenizer an instance of a subclass that records how many characters it is given."""
+    given: list[int] = []
+    base = type(backend.tokenizer)
+
+    class Counting(base):  # type: ignore[misc,valid-type]
+        def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
+            given.append(len(text))
+            return super().__call__(text, *args, **kwargs)
+
+        def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+            given.append(sum(len(turn["content"]) for turn in conversation))
+            return super().apply_chat_template(conversation, *args, **kwargs)
+
+    monkeypatch.setattr(backend.tokenizer, "__class__", Counting)
+    return given
+
+
+def test_a_prompt_too_long_for_the_context_in_any_tokenization_is_refused_untokenized(
+    backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = count_tokenized(monkeypatch, backend)
+    huge = "the river flows " * 100_000  # 1.6 M characters: some seconds of tokenizing
+    turns = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=huge)]
+    as_prompt, as_messages, fine = backend.predict_batch([request(prompt=huge), request(messages=turns), request()])
+
+    for outcome, field in ((as_prompt, "prompt"), (as_messages, "messages")):
+        assert isinstance(outcome, InvalidRequest) and outcome.field == field, outcome
+        assert f"is {len(huge) + 9 * (field == 'messages')} characters" in outcome.message
+        assert f"context of {CONTEXT} tokens" in outcome.message
+    assert isinstance(fine, TextGenerationResponse)
+    with pytest.raises(InvalidRequest, match="characters"):
+        next(backend.stream(request(prompt=huge), threading.Event()))
+    assert given == [len("The cat sees")]  # only the request that fits was tokenized
+    # Below the bound the tokenizer decides, as before.
+    (near,) = backend.predict_batch([request(prompt="the river " * CONTEXT)])
+    assert isinstance(near, InvalidRequest) and "tokens" in near.message
+    assert given[-1] == len("the river " * CONTEXT)
+
+
+def test_stop_strings_are_found_across_tokens_and_at_the_very_start(backend: TextGenerationBackend) -> None:
+    full = predict(backend, request(max_new_tokens=60)).text
+    # A long stop string spans many tokens; the one at the start of the text is found too.
+    for stop, cut in ((full[20:45], full.find(full[20:45])), (full[:2], 0)):
+        req = request(max_new_tokens=60, stop=[stop, "never written here"])
+        predicted = predict(backend, req)
+        assert (predicted.text, predicted.finish_reason) == (full[:cut], "stop")
+        tokens, streamed = stream(backend, req)
+        assert "".join(token.text for token in tokens) == streamed.text == full[:cut]
+
+
+CHAIN = " \u20ac"  # " €": a space, then a character that the tiny tokenizer writes as three byte tokens
+
+
+def build_chain_lm(dest: Path) -> Path:
+    """The tiny Llama rewired so that greedy decoding writes CHAIN over and over, whatever the prompt's start.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the last token's embedding;
+    each token of the cycle gets, as its output row, the embedding of the token it follows.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_causal_lm(dest, context=CONTEXT)
+    cycle = AutoTokenizer.from_pretrained(dest)(CHAIN)["input_ids"]
+    assert len(cycle) == 4, cycle  # the space, and three bytes of one character
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for token, successor in zip(cycle, cycle[1:] + cycle[:1], strict=True):
+            model.lm_head.weight[successor] = model.model.embed_tokens.weight[token] * 10
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def chain_backend(tmp_path_factory: pytest.TempPathFactory) -> TextGenerationBackend:
+    dest = build_chain_lm(tmp_path_factory.mktemp("chain") / "model")
+    backend = TextGenerationBackend(DeploymentConfig(name="chain", model=ModelSource(path=str(dest))))
+    backend.load()
+    return backend
+
+
+def test_a_character_cut_by_the_token_limit_is_never_sent_in_part(chain_backend: TextGenerationBackend) -> None:
+    batch = [request(prompt="\u20ac", max_new_tokens=count) for count in range(1, 10)]
+    batched = chain_backend.predict_batch(batch)
+    for req, outcome in zip(batch, batched, strict=True):
+        whole, cut = divmod(req.max_new_tokens, 4)
+        expected = CHAIN * whole + (" " if cut else "")  # the space, but no part of the cut character
+        predicted = predict(chain_backend, req)
+        assert essentials(predicted) == (expected, "length", 3, req.max_new_tokens)
+        assert isinstance(outcome, TextGenerationResponse) and essentials(outcome) == essentials(predicted)
+        tokens, streamed = stream(chain_backend, req)
+        assert not any("\ufffd" in token.text for token in tokens)
+        assert "".join(token.text for token in tokens) == streamed.text == expected
+
+
 def test_smollm2_from_its_package_is_converted_once_and_answers(
     smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,6 +443,11 @@ def test_smollm2_from_its_package_is_converted_once_and_answers(
         first, request(messages=[ChatMessage(role="user", content="What is the capital of France?")], max_new_tokens=32)
     )
     assert "Paris" in chat.text and chat.finish_reason == "stop"  # the reply ends with its own EOS
+    # Its 24th token is the first byte of an emoji: no part of that character goes out.
+    cut = request(messages=[ChatMessage(role="user", content="Say hello in Spanish.")], max_new_tokens=24)
+    tokens, streamed = stream(first, cut)
+    assert "".join(token.text for token in tokens) == streamed.text == predict(first, cut).text
+    assert streamed.text.startswith("Hola") and "\ufffd" not in streamed.text
     del first
 
     (converted,) = (smollm2_cache / "models").iterdir()  # one folder, no staging left behind

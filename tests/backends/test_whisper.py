@@ -23,11 +23,13 @@ from pydantic import ValidationError
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent
 from sheaf.backends import whisper
+from sheaf.backends.base import ADMITTED
 from sheaf.backends.whisper import WhisperBackend, decode_request_audio
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.tiny_whisper import build_tiny_whisper
 from tests.backends.cancelling import cancel_on_cue
+from tests.backends.streams import events
 
 SENTENCES = [
     "Please send the report to my office before noon on Friday.",
@@ -101,6 +103,57 @@ def reencode(wav: bytes, container: str, codec: str, rate: int, layout: str) -> 
     return out_buffer.getvalue()
 
 
+def encode(samples: np.ndarray, container: str, codec: str, rate: int = 16000, vbr: bool = False) -> bytes:
+    """16 kHz mono int16 `samples` encoded with PyAV, in memory."""
+    out_buffer = io.BytesIO()
+    with av.open(out_buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        assert isinstance(stream, av.AudioStream) and stream.codec_context.codec.audio_formats
+        if vbr:  # LAME's quality-driven variable bit rate: loud noise takes many more bits than silence
+            stream.codec_context.qscale = True
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout="mono", rate=rate)
+        for start in range(0, len(samples), 16000 * 60):  # a minute at a time: a frame holds at most 2**31 bytes
+            frame = av.AudioFrame.from_ndarray(
+                samples[start : start + 16000 * 60].astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = 16000
+            for resampled in resampler.resample(frame):
+                out.mux(stream.encode(resampled))
+        for resampled in resampler.resample(None):
+            out.mux(stream.encode(resampled))
+        out.mux(stream.encode(None))
+    return out_buffer.getvalue()
+
+
+def without_xing_frame(mp3: bytes) -> bytes:
+    """The MP3 without the first frame that LAME fills with its Xing header (frame count, byte count): FFmpeg
+    then estimates the length from the first audio frame's bit rate and the file's size, as for many VBR files
+    from the wild."""
+    tag = mp3.index(b"Xing")
+    start = mp3.rindex(b"\xff", 0, tag)
+    end = next(i for i in range(tag, len(mp3) - 1) if mp3[i] == 0xFF and mp3[i + 1] & 0xE0 == 0xE0)
+    return mp3[:start] + mp3[end:]
+
+
+def declared_seconds(data: bytes) -> float:
+    """The length FFmpeg reads from the container's header (or estimates from its bit rate), decoding nothing."""
+    with av.open(io.BytesIO(data), "r") as container:
+        assert container.duration is not None
+        return container.duration / av.time_base
+
+
+def video_only() -> bytes:
+    """A Matroska file (an accepted container) with one video stream and no audio."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as out:
+        stream = out.add_stream("ffv1", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 8, 8, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), dtype=np.uint8), format="rgb24")
+        out.mux(stream.encode(frame.reformat(format="yuv420p")))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
 def pcm_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
@@ -147,10 +200,10 @@ def predict(backend: WhisperBackend, req: TranscriptionRequest) -> Transcription
 
 
 def stream(backend: WhisperBackend, req: TranscriptionRequest) -> tuple[list[Segment], TranscriptionResponse]:
-    *events, last = backend.stream(req, threading.Event())
-    assert all(isinstance(event, SegmentEvent) for event in events)
+    *before, last = events(backend.stream(req, threading.Event()))
+    assert all(isinstance(event, SegmentEvent) for event in before)
     assert isinstance(last, ResultEvent) and isinstance(last.response, TranscriptionResponse)
-    return [event.segment for event in events if isinstance(event, SegmentEvent)], last.response
+    return [event.segment for event in before if isinstance(event, SegmentEvent)], last.response
 
 
 def load(source: ModelSource, **options: Any) -> WhisperBackend:
@@ -172,6 +225,47 @@ def count_windows(monkeypatch: pytest.MonkeyPatch, backend: WhisperBackend, log:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def nothing_lands_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test runs in an empty folder that must stay empty. (FFmpeg's `image2` muxer, given PyAV's
+    in-memory buffer, writes its image to a file named after the buffer, `<none>`, in the working directory:
+    that is how one came to be committed at the repository's root.)"""
+    folder = tmp_path / "working-directory"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    yield
+    assert not list(folder.iterdir()), "something wrote into the working directory"
+
+
+@pytest.fixture
+def decoded_frames(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The audio frames decoded, per container opened from now on (through PyAV's `av.open`, as the backend does)."""
+    counts: list[int] = []
+    real_open = av.open
+
+    class Counted:
+        def __init__(self, container: Any) -> None:
+            self._container, self._index = container, len(counts)
+            counts.append(0)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._container, name)
+
+        def __enter__(self) -> "Counted":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._container.close()
+
+        def decode(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            for frame in self._container.decode(*args, **kwargs):
+                counts[self._index] += 1
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: Counted(real_open(*args, **kwargs)))
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +344,17 @@ def bad_inputs(wav: bytes) -> dict[str, tuple[str, str]]:
         "not-base64": ("this is not base64!", "base64"),
         "base64-with-line-breaks": (b64(wav[:60]) + "\n" + b64(wav[60:120]), "base64"),
         "empty": ("", "empty"),
-        "text": (b64(b"Hello, I am a text file and not a sound at all.\n" * 20), "decodable"),
-        "random-bytes": (b64(random.Random(7).randbytes(4096)), "decodable"),
-        "truncated-wav-header": (b64(wav[:20]), "decodable"),
+        "text": (b64(b"Hello, I am a text file and not a sound at all.\n" * 20), NOT_AUDIO),
+        "random-bytes": (b64(random.Random(7).randbytes(4096)), NOT_AUDIO),
+        "truncated-wav-header": (b64(wav[:20]), NOT_AUDIO),
         "wav-without-samples": (b64(pcm_wav(np.zeros(0))), "no audio samples"),
-        "png-image": (b64(_tiny_png()), "no audio stream"),
+        "png-image": (b64(_tiny_png()), NOT_AUDIO),
+        "video-without-audio": (b64(video_only()), "holds no audio stream"),
+        "caf-not-an-accepted-container": (b64(reencode(wav, "caf", "pcm_s16le", 16000, "mono")), NOT_AUDIO),
     }
+
+
+NOT_AUDIO = "is not a decodable audio file; accepted: WAV, FLAC, MP3, Ogg"
 
 
 def _tiny_png() -> bytes:
@@ -280,6 +379,8 @@ def _tiny_png() -> bytes:
         "truncated-wav-header",
         "wav-without-samples",
         "png-image",
+        "video-without-audio",
+        "caf-not-an-accepted-container",
     ],
 )
 def test_bad_audio_is_the_requests_own_422(
@@ -289,10 +390,73 @@ def test_bad_audio_is_the_requests_own_422(
     (outcome,) = sequential.predict_batch([request(audio_b64)])
     assert isinstance(outcome, InvalidRequest)
     assert outcome.field == "audio_b64" and phrase in outcome.message, outcome.message
+    assert not re.search(r"Error|Errno|<none>", outcome.message), outcome.message  # nothing of FFmpeg's insides
     events = sequential.stream(request(audio_b64), threading.Event())
     with pytest.raises(InvalidRequest) as refused:  # raised by the first pull: before any event
         next(events)
     assert refused.value.field == "audio_b64" and phrase in refused.value.message
+
+
+def test_a_playlist_is_not_followed_to_the_files_it_names(tmp_path: Path, sentences: list[tuple[str, bytes]]) -> None:
+    clip = tmp_path / "elsewhere.wav"
+    clip.write_bytes(sentences[0][1])
+    for playlist in (
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{clip}\n#EXT-X-ENDLIST\n",
+        f"ffconcat version 1.0\nfile {clip}\n",
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            decode_request_audio(b64(playlist.encode()), max_seconds=60)
+        assert NOT_AUDIO in refused.value.message
+
+
+def silent(seconds: int) -> np.ndarray:
+    return np.zeros(16000 * seconds, dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "rate"),
+    [("flac", "flac", 16000), ("wav", "pcm_s16le", 16000), ("mp3", "libmp3lame", 16000), ("ogg", "libopus", 48000)],
+)
+def test_audio_over_the_limit_is_refused_before_decoding_any_of_it(
+    decoded_frames: list[int], container: str, codec: str, rate: int
+) -> None:
+    data = encode(silent(600), container, codec, rate)
+    with pytest.raises(InvalidRequest) as refused:
+        decode_request_audio(b64(data), max_seconds=60)
+    assert refused.value.field == "audio_b64"
+    assert re.search(r"audio is 600\.\d s long; this deployment takes at most 60 s", refused.value.message)
+    assert decoded_frames and sum(decoded_frames) == 0
+
+
+def test_a_long_silent_flac_never_reaches_the_decoder_or_the_model(
+    decoded_frames: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = load(REAL_MODEL, max_audio_seconds=600)
+    flac = encode(silent(29 * 60), "flac", "flac")  # 29 minutes, as in the report
+    assert len(flac) < 500_000
+    windows: list[str] = []
+    count_windows(monkeypatch, backend, windows)
+    (outcome,) = backend.predict_batch([request(flac)])
+    assert isinstance(outcome, InvalidRequest) and outcome.field == "audio_b64"
+    assert "audio is 1740.0 s long; this deployment takes at most 600 s" in outcome.message
+    with pytest.raises(InvalidRequest, match="at most 600 s"):
+        next(backend.stream(request(flac), threading.Event()))
+    assert sum(decoded_frames) == 0 and windows == []
+
+
+def test_the_default_limit_is_ten_minutes() -> None:
+    backend = load(REAL_MODEL)  # the options' defaults: what a small deployment gets without saying more
+    (outcome,) = backend.predict_batch([request(encode(silent(601), "flac", "flac"))])
+    assert isinstance(outcome, InvalidRequest) and "at most 600 s" in outcome.message, outcome
+
+
+def test_a_header_that_overstates_the_length_is_not_believed(sentences: list[tuple[str, bytes]]) -> None:
+    rng = np.random.default_rng(0)
+    quiet_then_loud = np.concatenate([np.zeros(16000 * 5), rng.integers(-20000, 20000, 16000 * 25)])
+    mp3 = without_xing_frame(encode(quiet_then_loud, "mp3", "libmp3lame", vbr=True))
+    assert declared_seconds(mp3) > 60  # estimated from the quiet first frame's low bit rate
+    audio = decode_request_audio(b64(mp3), max_seconds=60)
+    assert len(audio) / 16000 == pytest.approx(30, abs=0.2)
 
 
 def test_audio_longer_than_the_limit_is_refused_with_both_durations(sentences: list[tuple[str, bytes]]) -> None:
@@ -380,7 +544,7 @@ def test_stream_sends_each_segment_as_it_decodes(
     count_windows(monkeypatch, sequential, log)
     streamed: list[Segment] = []
     result = None
-    for event in sequential.stream(request(long_clip), threading.Event()):
+    for event in events(sequential.stream(request(long_clip), threading.Event())):
         if isinstance(event, SegmentEvent):
             log.append("segment")
             streamed.append(event.segment)
@@ -434,14 +598,15 @@ def test_cancelling_stops_the_stream_at_the_next_segment(
     count_windows(monkeypatch, sequential, log)
     cancel = threading.Event()
     req = request(long_clip)
-    events = sequential.stream(req, cancel)
-    assert isinstance(next(events), SegmentEvent)
+    stream = sequential.stream(req, cancel)
+    assert next(stream) is ADMITTED
+    assert isinstance(next(stream), SegmentEvent)
     if how == "cancel-event":
         cancel.set()
-        assert list(events) == []  # nothing more, not even a result
+        assert list(stream) == []  # nothing more, not even a result
     else:
-        assert isinstance(events, Generator)
-        events.close()
+        assert isinstance(stream, Generator)
+        stream.close()
     assert log == ["decoded"]  # the second window was never decoded
     expected = f"stream {req.request_id} cancelled after 1 segments"
     assert [r.getMessage() for r in caplog.records if r.name == "sheaf.backends.whisper"] == [expected]

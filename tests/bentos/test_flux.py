@@ -3,16 +3,18 @@
 import asyncio
 import base64
 import io
+import json
 import re
 import threading
 import time
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, predict_at_once
+from tests.conftest import Server, predict_at_once, stream_events
 
 BASE = {"model_type": "diffusion", "prompt": "a red fox in snow", "height": 64, "width": 64, "num_inference_steps": 4}
 
@@ -22,10 +24,7 @@ def predict(server: Server, body: dict[str, Any]) -> httpx.Response:
 
 
 def stream(server: Server, body: dict[str, Any]) -> list[dict[str, Any]]:
-    decoder = SSEDecoder()
-    with httpx.stream("POST", f"{server.url}/flux/stream", json=body, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        return [event for chunk in response.iter_raw() for event in decoder.feed(chunk)]
+    return stream_events(server, "flux", body)
 
 
 def image(payload: dict[str, Any]) -> Image.Image:
@@ -176,3 +175,24 @@ def test_a_failure_after_the_first_event_ends_the_stream_with_an_error_event(ser
     assert [event["type"] for event in events] == ["progress", "progress", "error"]
     assert events[-1]["error"] == "InjectedFault: injected after two events"
     assert predict(server, BASE).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["predict", "stream"])
+@pytest.mark.parametrize("weight", ["NaN", "Infinity", "-Infinity", "1e308", "-10.5"])
+def test_adapter_weights_that_are_not_finite_or_past_10_are_422(server: Server, route: str, weight: str) -> None:
+    # As BaseRequest writes them, and as a client's JSON library may: NaN and Infinity as bare literals.
+    raw = json.dumps({**BASE, "adapters": ["a"]})[:-1] + f', "adapter_weights": [{weight}]}}'
+    response = httpx.post(
+        f"{server.url}/flux/{route}", content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 422, response.text
+    assert [error["loc"] for error in response.json()["detail"]] == [["body", "adapter_weights", 0]]
+
+
+def test_a_huge_prompt_is_a_quick_422(server: Server) -> None:
+    huge = "a red fox in the snow " * 100_000  # 2.2 MB
+    for route in ("predict", "stream"):
+        response = httpx.post(f"{server.url}/flux/{route}", json={**BASE, "prompt": huge}, timeout=30)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "prompt"]
+        assert "at most 512 tokens" in response.json()["detail"][0]["msg"]

@@ -66,11 +66,10 @@ def test_lookup_errors_come_before_any_event(
     for response in (predict(server, {"feature_ref": feature_ref}), stream(server, {"feature_ref": feature_ref})):
         assert response.status_code == status, response.text
         assert response.headers["content-type"].startswith("application/json")
-        detail = response.json()["detail"]
-        if status == 422:  # the caller's reference is at fault: the error names the field
-            assert detail[0]["loc"] == ["body", "feature_ref"]
-            detail = detail[0]["msg"]
-        assert named in detail
+        (detail,) = response.json()["detail"]  # every lookup failure names the field
+        assert detail["loc"] == ["body", "feature_ref"]
+        assert detail["type"] == {422: "value_error", 404: "feature_not_found"}[status]
+        assert named in detail["msg"]
 
 
 def test_history_and_feature_ref_together_are_refused(server: Server) -> None:
@@ -191,7 +190,9 @@ def test_redis_down_is_502_and_the_deployment_recovers(redis_server: tuple[Serve
     time.sleep(0.2)
     for response in (predict(server, body), stream(server, body)):
         assert response.status_code == 502, response.text
-        assert "series_history:values" in response.json()["detail"]
+        (detail,) = response.json()["detail"]
+        assert (detail["loc"], detail["type"]) == (["body", "feature_ref"], "feature_store_error")
+        assert "series_history:values" in detail["msg"]
 
     restarted = start_redis(redis_port)
     try:

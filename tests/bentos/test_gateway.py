@@ -36,7 +36,7 @@ def test_the_default_set_serves_every_deployment() -> None:
 
 
 def test_sheaf_config_set_selects_the_production_set_and_it_validates() -> None:
-    production = deployments({"SHEAF_CONFIG_SET": "production"})
+    production = deployments({"SHEAF_CONFIG_SET": "production", "SHEAF_API_KEY": "test-key"})
     assert production["flux"]["model"] == "black-forest-labs/FLUX.1-schnell"
     assert production["whisper"]["model"] == "Systran/faster-whisper-large-v3"
     assert [deployment["resources"]["gpu"] for deployment in production.values()] == [1, 1, 1, 1]

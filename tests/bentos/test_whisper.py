@@ -1,13 +1,16 @@
 """The whisper deployment end to end: a real server on the real whisper tiny.en weights."""
 
 import base64
+import io
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
+import numpy as np
 import pytest
 
 from sheaf.streaming import SSEDecoder
@@ -72,7 +75,11 @@ BAD = {
 def test_bad_audio_is_a_422_naming_the_field(server: Server, route: str, case: str) -> None:
     response = httpx.post(f"{server.url}/whisper/{route}", json=body(BAD[case]), timeout=60)
     assert response.status_code == 422, response.text
-    assert "audio_b64" in response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "audio_b64"]
+    if case == "not audio":  # what the caller can act on, and nothing of FFmpeg's insides
+        assert error["msg"].startswith("is not a decodable audio file; accepted: WAV, FLAC, MP3, Ogg"), error
+        assert "<none>" not in error["msg"] and "Errno" not in error["msg"]
 
 
 def test_audio_over_the_length_limit_is_a_422(server: Server, tmp_path: Path) -> None:
@@ -80,6 +87,32 @@ def test_audio_over_the_length_limit_is_a_422(server: Server, tmp_path: Path) ->
     response = httpx.post(f"{server.url}/whisper/predict", json=body(long), timeout=60)
     assert response.status_code == 422
     assert "audio_b64" in response.text and "30" in response.text
+
+
+def silent_flac(seconds: int) -> str:
+    """`seconds` of 16 kHz silence as FLAC, base64: a few hundred bytes a minute."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="flac") as out:
+        stream = out.add_stream("flac", rate=16000, layout="mono")
+        for _ in range(seconds):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), dtype=np.int16), format="s16", layout="mono")
+            frame.sample_rate = 16000
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("route", ["predict", "stream"])
+def test_a_long_silent_flac_is_a_422_from_its_length(server: Server, route: str) -> None:
+    response = httpx.post(f"{server.url}/whisper/{route}", json=body(silent_flac(29 * 60)), timeout=60)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [
+        {
+            "loc": ["body", "audio_b64"],
+            "msg": "audio is 1740.0 s long; this deployment takes at most 30 s",
+            "type": "value_error",
+        }
+    ]
 
 
 def test_a_body_over_the_size_limit_is_413(server: Server) -> None:
