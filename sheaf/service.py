@@ -18,9 +18,10 @@ from pydantic import BaseModel
 
 from sheaf.api.base import BaseRequest
 from sheaf.config import config_dir, load_config
-from sheaf.deployment import Deployment, Outcome
+from sheaf.deployment import Deployment
 from sheaf.disconnects import until_disconnected
 from sheaf.logs import show_sheaf_logs
+from sheaf.outcomes import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_MARGIN_S = 30.0

@@ -79,6 +79,35 @@ def parse_frame(frame: str) -> dict[str, Any] | None:
     return payload
 
 
+class FrameRelay:
+    """Whole frames out of text chunks split anywhere by the network, to pass on as they are.
+
+    Only the last data frame of a chunk is parsed (for its `type` and `done`): relaying a
+    frame costs no JSON work beyond that, whatever its size (diffusion previews are large).
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, chunk: str) -> str:
+        """The frames that `chunk` completed, as one string ("" when none)."""
+        self._pending += chunk
+        end = self._pending.rfind("\n\n") + 2
+        if end < 2:
+            return ""
+        complete, self._pending = self._pending[:end], self._pending[end:]
+        return complete
+
+    @staticmethod
+    def last_event(frames: str) -> dict[str, Any] | None:
+        """The payload of the last data frame in `frames`, which `feed` returned; None for comments only."""
+        start = frames.rfind("data: ", 0, -2)
+        if start < 0:
+            return None
+        payload: dict[str, Any] = json.loads(frames[start + 6 : frames.index("\n\n", start)])
+        return payload
+
+
 HEARTBEAT = ": heartbeat\n\n"
 """An SSE comment line: keeps proxies from cutting a quiet stream; clients skip it."""
 

@@ -22,6 +22,8 @@ import bentoml
 import httpx
 from pydantic import BaseModel
 
+from sheaf.outcomes import Outcome
+
 CONNECT_TIMEOUT_S = 10
 READY_TIMEOUT_S = 5
 ALIVE_TIMEOUT_S = 2
@@ -79,16 +81,16 @@ async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout
 
 async def predict_batch(
     deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float
-) -> list[dict[str, Any]]:
+) -> list[Outcome]:
     """The deployment's `predict_batch` outcomes for `requests`, in order."""
     body = b'{"requests":[' + b",".join(request.model_dump_json().encode() for request in requests) + b"]}"
-    outcomes: list[dict[str, Any]] = await _call(deployment, "predict_batch", body, timeout_s)
+    outcomes: list[Outcome] = await _call(deployment, "predict_batch", body, timeout_s)
     return outcomes
 
 
-async def ready(deployment: bentoml.Service[Any]) -> dict[str, Any]:
+async def ready(deployment: bentoml.Service[Any]) -> Outcome:
     """The deployment's `ready` outcome."""
-    outcome: dict[str, Any] = await _call(deployment, "ready", b"{}", READY_TIMEOUT_S)
+    outcome: Outcome = await _call(deployment, "ready", b"{}", READY_TIMEOUT_S)
     return outcome
 
 

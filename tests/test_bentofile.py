@@ -38,6 +38,7 @@ def test_the_bento_holds_code_configs_and_the_demo_store_but_no_weights(bento: B
         "configs/production/flux.yaml",
         "configs/production/feast/feature_store.yaml",
         ".feast-demo/feature_store.yaml",
+        "tiny/models.py",  # the default configs build their tiny models from it
     ):
         assert (src / needed).is_file(), needed
     files = [path for path in bento.path.rglob("*") if path.is_file()]
@@ -73,6 +74,8 @@ def test_the_gpu_bentofile_builds_a_cuda_image(tmp_path: Path) -> None:
     assert re.search(r"^torch\b", requirements, re.MULTILINE)
     assert "whl/cpu" not in requirements  # PyPI's Linux torch is the CUDA build
     assert "--no-deps" in (gpu.path / "env/docker/setup_script").read_text()
+    assert not (gpu.path / "src" / "tiny").exists()  # test models stay out of the production image
+    assert not list((gpu.path / "src" / "sheaf").glob("tiny*"))
 
 
 # What python:3.x-slim (Debian) has without installing anything: glibc, libgcc, libstdc++ and zlib.

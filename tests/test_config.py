@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sheaf.config import ConfigError, built_weights, load_config
+from sheaf.config import ConfigError, load_config
+from sheaf.weights import built_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,10 @@ def test_name_defaults_to_the_file_name_and_paths_resolve_against_it(tmp_path: P
         ("- a list\n", "expected a mapping"),
         ("model: {path: x}\nresources: {cpu: two}\n", "resources.cpu: String should match pattern"),
         ("model: {path: x}\nthreads: 0\n", "threads: Input should be greater than or equal to 1"),
+        (
+            "model: {path: x}\nbatching: {max_latency_ms: 5}\n",
+            "batching: Value error, `max_latency_ms` is now `max_queue_ms`",
+        ),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -10,9 +10,10 @@ import pytest
 from sheaf.api import FeatureRef, ForecastRequest
 from sheaf.config import Cache, DeploymentConfig, FeatureStore, ModelSource
 from sheaf.deployment import Deployment
-from sheaf.features import FeatureStoreResolver, demo_series
+from sheaf.feature_demo import demo_series
+from sheaf.features import FeatureStoreResolver
 from sheaf.streaming import SSEDecoder
-from sheaf.tiny_timesfm import build_tiny_timesfm
+from tiny.timesfm import build_tiny_timesfm
 
 BACKEND = "sheaf.backends.forecast:ForecastBackend"
 

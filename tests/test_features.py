@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from sheaf.api.forecast import FeatureRef
+from sheaf.feature_demo import DEMO_END, create_demo_repo, demo_series, write_history
 from sheaf.features import (
-    DEMO_END,
     FeatureEntityNotFound,
     FeatureLookupError,
     FeatureRefInvalid,
@@ -24,9 +24,6 @@ from sheaf.features import (
     FeatureStoreResolver,
     Resolved,
     as_history,
-    create_demo_repo,
-    demo_series,
-    write_history,
 )
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -158,7 +155,7 @@ def test_creating_the_demo_repo_again_keeps_it_and_the_cli_says_where(sqlite_rep
     assert registry.stat().st_mtime_ns == before  # nothing was applied again
 
     done = subprocess.run(
-        [sys.executable, "-m", "sheaf.features", str(sqlite_repo)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sheaf.feature_demo", str(sqlite_repo)], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == str(sqlite_repo)
     assert FeatureStoreResolver(sqlite_repo).resolve_one(ref("traffic")).values == demo_series("traffic")

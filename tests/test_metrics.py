@@ -98,8 +98,8 @@ def test_each_server_keeps_its_own_counts(tmp_path: Path) -> None:
     (configs / "forecast.yaml").write_text(
         """
 name: forecast
-model: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}
-batching: {max_batch_size: 4, max_latency_ms: 60000}
+model: {build: "tiny.timesfm:build_tiny_timesfm"}
+batching: {max_batch_size: 4, max_queue_ms: 60000}
 """
     )
     inherited = tmp_path / "inherited"  # Feast sets PROMETHEUS_MULTIPROC_DIR in any process that imports it

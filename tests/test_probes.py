@@ -16,7 +16,7 @@ def loading(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     configs = tmp_path_factory.mktemp("loading")
     (configs / "textgen.yaml").write_text(f'model: {{path: "{tiny_lm}"}}\n')
     (configs / "forecast.yaml").write_text(
-        'backend: tests.faults:GatedLoadForecast\nmodel: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}\n'
+        'backend: tests.faults:GatedLoadForecast\nmodel: {build: "tiny.timesfm:build_tiny_timesfm"}\n'
     )
     gate = configs / "gate"
     env = {"SHEAF_CACHE_DIR": str(configs / "cache"), "SHEAF_TEST_LOAD_GATE": str(gate)}

@@ -136,7 +136,7 @@ def test_a_client_that_left_mid_body_does_not_hold_the_shutdown(tmp_path: Path) 
     """BentoML waits `traffic.timeout` (here 330 s) for an answer to a request whose route answered nothing."""
     configs = tmp_path / "configs"
     configs.mkdir()
-    (configs / "forecast.yaml").write_text('name: forecast\nmodel: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}\n')
+    (configs / "forecast.yaml").write_text('name: forecast\nmodel: {build: "tiny.timesfm:build_tiny_timesfm"}\n')
     servers = serve(
         configs, tmp_path / "server.log", env={"SHEAF_CACHE_DIR": str(tmp_path / "cache")}, ready=("forecast",)
     )

@@ -18,7 +18,7 @@ from tests.conftest import Server, serve
 HEADER_TIMEOUT_S = 10.0  # the defaults
 BODY_TIMEOUT_S = 30.0
 SLACK_S = 5.0  # for a loaded machine: the bound plus this is when a test gives up
-FORECAST = 'name: forecast\nmodel: {build: "sheaf.tiny_timesfm:build_tiny_timesfm"}\n'
+FORECAST = 'name: forecast\nmodel: {build: "tiny.timesfm:build_tiny_timesfm"}\n'
 BODY = b'{"model_type": "time_series", "history": [1, 2, 3, 4, 5, 6, 7, 8], "horizon": 2}'
 
 

@@ -10,7 +10,18 @@ from contextlib import aclosing
 import pytest
 
 from sheaf.api import ErrorEvent, ResultEvent, TextGenerationResponse, TokenEvent
-from sheaf.streaming import IDLE, Idle, SSEDecoder, encode_event, error_event, iterate_in_thread, parse_frame
+from sheaf.streaming import (
+    ACCEPTED,
+    HEARTBEAT,
+    IDLE,
+    FrameRelay,
+    Idle,
+    SSEDecoder,
+    encode_event,
+    error_event,
+    iterate_in_thread,
+    parse_frame,
+)
 
 RESULT: ResultEvent[TextGenerationResponse] = ResultEvent(
     response=TextGenerationResponse(
@@ -162,3 +173,14 @@ def test_a_quiet_producer_gives_idle_beats_and_a_deadline_stops_it() -> None:
     got = asyncio.run(consume())
     assert got[0] == 1 and set(got[1:]) == {IDLE} and 3 <= len(got[1:]) <= 5
     assert stopped.wait(2)  # the producer was told to stop at the deadline
+
+
+def test_frame_relay_passes_whole_frames_on_and_reads_only_the_last() -> None:
+    relay = FrameRelay()
+    wire = encode_event({"type": "token", "text": "a", "done": False}) + HEARTBEAT
+    wire += encode_event({"type": "result", "done": True, "text": "ab"})
+    out = [relay.feed(wire[i : i + 7]) for i in range(0, len(wire), 7)]
+    assert "".join(out) == wire  # every byte, in order, and only whole frames at a time
+    assert all(piece == "" or piece.endswith("\n\n") for piece in out)
+    assert FrameRelay.last_event(wire) == {"type": "result", "done": True, "text": "ab"}
+    assert FrameRelay.last_event(HEARTBEAT + ACCEPTED) is None

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+if TYPE_CHECKING:
+    from sheaf.api.forecast import FeatureRef
 
 
 def new_request_id() -> str:
@@ -110,3 +113,11 @@ class BaseRequest(WireModel, Generic[ResponseT]):
     timeout_s: float | None = Field(
         None, gt=0, description="Give up after this many seconds (504), at most the deployment's own timeout."
     )
+
+    def features_wanted(self) -> FeatureRef | None:
+        """The feature store lookup this request asks for before its backend runs; None: none."""
+        return None
+
+    def with_features(self, values: list[float] | list[list[float]]) -> Self:
+        """This request with the looked-up `values` in place of its reference."""
+        raise NotImplementedError(f"{type(self).__name__} looks nothing up")

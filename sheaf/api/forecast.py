@@ -63,6 +63,12 @@ class ForecastRequest(BaseRequest[ForecastResponse]):
                 raise ValueError("`target_index` is outside the rows of `history`")
         return self
 
+    def features_wanted(self) -> FeatureRef | None:
+        return self.feature_ref
+
+    def with_features(self, values: list[float] | list[list[float]]) -> ForecastRequest:
+        return self.model_copy(update={"history": values, "feature_ref": None})
+
     def series(self) -> list[float]:
         """The values to forecast: `history` itself, or its `target_index` column."""
         assert self.history is not None, "feature_ref is resolved before the backend runs"

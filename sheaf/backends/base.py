@@ -51,7 +51,6 @@ ResponseT = TypeVar("ResponseT", bound=BaseResponse)
 
 
 class Backend(ABC, Generic[RequestT, ResponseT]):
-    request_model: ClassVar[type[BaseRequest[Any]]]
     options_model: ClassVar[type[BaseModel] | None] = None
     """Validates `options:` of the deployment config, when the backend takes any."""
 

@@ -43,10 +43,11 @@ from PIL import Image
 from sheaf.api.diffusion import MAX_ADAPTER_WEIGHT, DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
 from sheaf.backends.base import ADMITTED, Admitted, Backend, Cancelled, elapsed_ms, torch_device
-from sheaf.config import DeploymentConfig, ModelSource, weights_location
+from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
 from sheaf.options import FluxOptions
+from sheaf.weights import weights_location
 
 logger = logging.getLogger("sheaf.backends.flux")
 
@@ -105,7 +106,6 @@ StepCallback = Callable[[int, torch.Tensor], None]
 
 
 class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
-    request_model = DiffusionRequest
     options_model = FluxOptions
 
     def __init__(self, config: DeploymentConfig) -> None:

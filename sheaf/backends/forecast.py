@@ -42,9 +42,10 @@ from transformers import TimesFmModelForPrediction
 
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
 from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
-from sheaf.config import DeploymentConfig, weights_location
+from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import ForecastOptions
+from sheaf.weights import weights_location
 
 logger = logging.getLogger("sheaf.backends.forecast")
 
@@ -62,7 +63,6 @@ def _finite(response: ForecastResponse) -> bool:
 
 
 class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
-    request_model = ForecastRequest
     options_model = ForecastOptions
 
     def __init__(self, config: DeploymentConfig) -> None:

@@ -1,8 +1,8 @@
 """Text generation with a transformers causal LM: batched, sampled per request, streamed.
 
-One `model.generate` call serves a whole batch, yet every row keeps its own settings:
-`_RowSampler` picks each row's next token with that row's temperature, top_p and random
-generator (generate itself then only takes the one token left possible), and `_RowStopper`
+One `model.generate` call serves a whole batch, yet every row keeps its own settings
+(`sheaf.backends.sampling`): `RowSampler` picks each row's next token with that row's temperature, top_p and random
+generator (generate itself then only takes the one token left possible), and `RowStopper`
 ends each row at its own max_new_tokens, stop strings or EOS. So a request's text does not
 depend on which other requests shared its batch: the same seed gives the same text. A row
 whose own work fails (its sampling, its decoding) ends there with its error as its outcome;
@@ -11,18 +11,16 @@ the rest of its batch goes on.
 Text never ends in part of a character: while the last tokens are an incomplete UTF-8
 sequence, that piece is held back, and a reply that ends inside a character (at its token
 limit, a cancel or EOS) drops it, in a stream and a predict alike.
+
+A package's GGUF checkpoint is converted once into a transformers folder (`sheaf.backends.gguf`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
@@ -31,11 +29,9 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
@@ -43,9 +39,12 @@ from transformers.generation.streamers import BaseStreamer
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
 from sheaf.backends.base import Admitted, Backend, Cancelled, elapsed_ms, torch_device
-from sheaf.config import DeploymentConfig, cache_dir, find_in_package, weights_location, write_once
+from sheaf.backends.gguf import converted_gguf
+from sheaf.backends.sampling import Decoding, RowSampler, RowStopper, Sampling, TextStreamer
+from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import TextGenerationOptions
+from sheaf.weights import find_in_package, weights_location
 
 logger = logging.getLogger("sheaf.backends.textgen")
 
@@ -56,7 +55,6 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationResponse]):
-    request_model = TextGenerationRequest
     options_model = TextGenerationOptions
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -95,7 +93,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
                 raise ValueError(f"{weights}: the tokenizer has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         self._eos_ids = _eos_ids(model, tokenizer)
-        # Sampling happens per row in `_RowSampler`: the checkpoint's own defaults (temperature,
+        # Sampling happens per row in `RowSampler`: the checkpoint's own defaults (temperature,
         # repetition penalty ...) must not apply on top, so generate gets a neutral config.
         model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             bos_token_id=tokenizer.bos_token_id,
@@ -122,8 +120,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             return str(found)
         if found.suffix != ".gguf":
             raise ValueError(f"{found}: expected a .gguf file or a model folder inside package {source.package}")
-        cached = cache_dir() / "models" / _cache_name(source.package, found)
-        return str(write_once(cached, lambda staging: _convert_gguf(found, staging)))
+        return str(converted_gguf(source.package, found))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -132,13 +129,13 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
     ) -> list[TextGenerationResponse | Exception]:
         cancel = cancel or threading.Event()  # none given: never set
         prepared = [self._prepare(request) for request in requests]
-        rows = [item for item in prepared if isinstance(item, _Decoding)]
+        rows = [item for item in prepared if isinstance(item, Decoding)]
         failure: Exception | None = None
         metadata: dict[str, Any] = {"batch_size": len(rows)}
         if rows:
             started = time.perf_counter()
             try:
-                self._generate(rows, cancel.is_set)  # `_RowStopper` ends every row within a token of cancel
+                self._generate(rows, cancel.is_set)  # `RowStopper` ends every row within a token of cancel
             except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
                 logger.exception("generate failed for a batch of %d", len(rows))
                 failure = exc
@@ -150,7 +147,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         return [self._outcome(item, failure, metadata) for item in prepared]
 
     def _outcome(
-        self, item: _Decoding | Exception, failure: Exception | None, metadata: dict[str, Any]
+        self, item: Decoding | Exception, failure: Exception | None, metadata: dict[str, Any]
     ) -> TextGenerationResponse | Exception:
         if isinstance(item, Exception):
             return item
@@ -165,7 +162,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         if isinstance(decoding, Exception):
             raise decoding
         halt = threading.Event()  # stops generate when the consumer closes the stream early
-        streamer = _TextStreamer(decoding)
+        streamer = TextStreamer(decoding)
         started = time.perf_counter()
         worker = threading.Thread(
             target=self._generate_streaming,
@@ -203,14 +200,14 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         metadata = {"batch_size": 1, "inference_ms": elapsed_ms(started)}
         yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
 
-    def _prepare(self, request: TextGenerationRequest) -> _Decoding | Exception:
+    def _prepare(self, request: TextGenerationRequest) -> Decoding | Exception:
         """The request's row for generate, or the error that this one request hit: it stays its own outcome."""
         try:
             prompt_ids = self._encode(request)
-            sampling = _Sampling.of(request)
+            sampling = Sampling.of(request)
         except Exception as exc:  # InvalidRequest, or whatever else
             return exc
-        return _Decoding(self.tokenizer, request, prompt_ids, self._eos_ids, sampling)
+        return Decoding(self.tokenizer, request, prompt_ids, self._eos_ids, sampling)
 
     def _encode(self, request: TextGenerationRequest) -> list[int]:
         """The prompt's token ids; InvalidRequest when this deployment cannot take the request."""
@@ -257,9 +254,9 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         return list(tokenizer(str(rendered), add_special_tokens=False, verbose=False)["input_ids"])
 
     def _generate(
-        self, rows: Sequence[_Decoding], halt: Callable[[], bool] = lambda: False, streamer: BaseStreamer | None = None
+        self, rows: Sequence[Decoding], halt: Callable[[], bool] = lambda: False, streamer: BaseStreamer | None = None
     ) -> None:
-        """One left-padded generate call for all rows; each row's outcome lands in its `_Decoding`."""
+        """One left-padded generate call for all rows; each row's outcome lands in its `Decoding`."""
         model = self.model
         pad_id = self.tokenizer.pad_token_id
         width = max(len(row.prompt_ids) for row in rows)
@@ -270,13 +267,13 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             input_ids=torch.tensor(input_ids, device=model.device),
             attention_mask=torch.tensor(attention_mask, device=model.device),
             max_new_tokens=max(row.request.max_new_tokens for row in rows),
-            do_sample=False,  # `_RowSampler` leaves a single possible token per row
-            logits_processor=LogitsProcessorList([_RowSampler(rows, pad_id)]),
-            stopping_criteria=StoppingCriteriaList([_RowStopper(rows, halt)]),
+            do_sample=False,  # `RowSampler` leaves a single possible token per row
+            logits_processor=LogitsProcessorList([RowSampler(rows, pad_id)]),
+            stopping_criteria=StoppingCriteriaList([RowStopper(rows, halt)]),
             streamer=streamer,
         )
 
-    def _generate_streaming(self, decoding: _Decoding, streamer: _TextStreamer, halt: Callable[[], bool]) -> None:
+    def _generate_streaming(self, decoding: Decoding, streamer: TextStreamer, halt: Callable[[], bool]) -> None:
         """Body of a stream's generate thread: its failure goes to the consumer, which re-raises it."""
         try:
             self._generate([decoding], halt, streamer)
@@ -286,7 +283,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             streamer.queue.put(None)
 
     def _response(
-        self, decoding: _Decoding, text: str, finish_reason: FinishReason, metadata: dict[str, Any]
+        self, decoding: Decoding, text: str, finish_reason: FinishReason, metadata: dict[str, Any]
     ) -> TextGenerationResponse:
         request = decoding.request
         return TextGenerationResponse(
@@ -300,233 +297,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         )
 
 
-class _Decoding:
-    """One request's progress through generate: its new tokens, its text, and why it finished."""
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        request: TextGenerationRequest,
-        prompt_ids: list[int],
-        eos_ids: frozenset[int],
-        sampling: _Sampling,
-    ) -> None:
-        self.request = request
-        self.prompt_ids = prompt_ids
-        self.sampling = sampling
-        self.tokens: list[int] = []
-        self.finish_reason: Literal["stop", "length"] | None = None
-        self.failure: Exception | None = None  # this row's own work failed: its outcome, and it takes no more tokens
-        self._tokenizer = tokenizer
-        self._eos_ids = eos_ids
-        self._stop_at: int | None = None  # where the first stop string begins in the decoded text
-        self._settled = 0  # how much of the decoded text no later token changes: scanned for stops already
-        self._longest_stop = max(map(len, request.stop), default=0)
-        self._decoded = (0, "")  # (token count, text) of the last decode
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.failure is not None
-
-    def fail(self, exc: Exception) -> None:
-        logger.warning("request %s failed alone: %s: %s", self.request.request_id, type(exc).__name__, exc)
-        self.failure = exc
-
-    def push(self, token: int) -> bool:
-        """Take the row's next token; True once the row has finished (later tokens are padding)."""
-        if self.done:
-            return True
-        if token in self._eos_ids:
-            self.finish_reason = "stop"
-            return True
-        self.tokens.append(token)
-        if self.request.stop:
-            self._scan_for_stops()
-        if self._stop_at is not None:
-            self.finish_reason = "stop"
-        elif len(self.tokens) >= self.request.max_new_tokens:
-            self.finish_reason = "length"
-        return self.finish_reason is not None
-
-    def _scan_for_stops(self) -> None:
-        """Look for a stop string only where one could still begin: it must end in the text the last token changed."""
-        full = self.full_text()
-        self._stop_at = _first_stop(full, self.request.stop, max(0, self._settled - self._longest_stop + 1))
-        self._settled = len(_complete(full))  # a trailing partial character may yet decode differently
-
-    def full_text(self) -> str:
-        if self._decoded[0] != len(self.tokens):
-            self._decoded = (len(self.tokens), self._decode(self.tokens))
-        return self._decoded[1]
-
-    def text(self) -> str:
-        """The text so far, cut before the first stop string, without a trailing partial character."""
-        full = self.full_text()
-        return _complete(full if self._stop_at is None else full[: self._stop_at])
-
-    def completion_tokens(self) -> int:
-        """Tokens up to the cut: the fewest leading tokens whose text reaches it (best effort)."""
-        if self._stop_at is None:
-            return len(self.tokens)
-        count = len(self.tokens)
-        while count > 0 and len(self._decode(self.tokens[: count - 1])) >= self._stop_at:
-            count -= 1
-        return count
-
-    def _decode(self, tokens: list[int]) -> str:
-        # No clean-up of spaces: it rewrites text already decoded (" ." -> "."), and a stream
-        # must be able to send a text's beginning before its end is known.
-        return str(self._tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
-@dataclass
-class _Sampling:
-    """How one row picks its tokens; its own generator keeps it independent of the batch."""
-
-    temperature: float
-    top_p: float
-    generator: torch.Generator
-
-    @classmethod
-    def of(cls, request: TextGenerationRequest) -> _Sampling:
-        generator = torch.Generator()
-        if request.seed is None:
-            generator.seed()
-        else:
-            try:
-                generator.manual_seed(request.seed)
-            except (ValueError, RuntimeError, OverflowError) as exc:  # out of the generator's range
-                raise InvalidRequest("seed", f"cannot seed a random generator with it: {exc}") from exc
-        return cls(request.temperature, request.top_p, generator)
-
-    def pick(self, logits: torch.Tensor) -> int:
-        if self.temperature == 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.to("cpu", torch.float64) / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            probs = _nucleus(probs, self.top_p)
-        # Inverse CDF in vocabulary order: a batch's slightly different rounding moves the bounds
-        # by a hair, where sorting by probability could swap two near-equal tokens outright.
-        cumulative = torch.cumsum(probs, dim=0)
-        draw = torch.rand((), generator=self.generator, dtype=torch.float64) * cumulative[-1]
-        return min(int(torch.searchsorted(cumulative, draw, right=True)), probs.numel() - 1)
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the smallest most-likely set whose mass reaches top_p."""
-    ordered, order = torch.sort(probs, descending=True, stable=True)
-    mass_before = torch.cumsum(ordered, dim=0) - ordered
-    kept = probs.clone()
-    kept[order[mass_before >= top_p]] = 0.0
-    return kept
-
-
-class _RowSampler(LogitsProcessor):
-    """Chooses each row's next token itself and masks every other token, so greedy generate takes it.
-
-    A finished row gets padding (generate pads it anyway); a row whose pick fails is failed alone.
-    """
-
-    def __init__(self, rows: Sequence[_Decoding], pad_id: int) -> None:
-        self._rows = rows
-        self._pad_id = pad_id
-
-    def _pick(self, row: _Decoding, logits: torch.Tensor) -> int:
-        if row.done:
-            return self._pad_id
-        try:
-            return row.sampling.pick(logits)
-        except Exception as exc:
-            row.fail(exc)
-            return self._pad_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        picks = [self._pick(row, logits) for row, logits in zip(self._rows, scores, strict=True)]
-        forced = torch.full_like(scores, float("-inf"))
-        forced[torch.arange(len(picks), device=scores.device), torch.tensor(picks, device=scores.device)] = 0.0
-        return forced
-
-
-class _RowStopper(StoppingCriteria):
-    """Feeds each row its new token and reports which rows are finished; all of them once `halt()` says so."""
-
-    def __init__(self, rows: Sequence[_Decoding], halt: Callable[[], bool]) -> None:
-        self._rows = rows
-        self._halt = halt
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        finished = [_push(row, token) for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True)]
-        if self._halt():
-            finished = [True] * len(finished)
-        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
-
-
-def _push(row: _Decoding, token: int) -> bool:
-    """`row.push(token)`; a failure of this row's own decoding or stop scan fails the row alone."""
-    try:
-        return row.push(token)
-    except Exception as exc:
-        row.fail(exc)
-        return True
-
-
-class _TextStreamer(BaseStreamer):
-    """Runs in the generate thread: queues each newly settled piece of text for the consuming generator.
-
-    Text is held back while it ends in an incomplete character or could be the start of a stop
-    string; the consumer sends the rest once the thread ends. None on the queue marks that end.
-    """
-
-    def __init__(self, decoding: _Decoding) -> None:
-        self.queue: queue.Queue[str | BaseException | None] = queue.Queue()
-        self.released = ""
-        self._decoding = decoding
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate hands over the prompt first
-            self._prompt_seen = True
-            return
-        text = self._decoding.text()  # `_RowStopper` has already taken this step's token; no partial character
-        end = len(text) if self._decoding.done else len(text) - _stop_prefix(text, self._decoding.request.stop)
-        if end > len(self.released) and text.startswith(self.released):
-            piece = text[len(self.released) : end]
-            self.released += piece
-            self.queue.put(piece)
-
-    def end(self) -> None:
-        """Nothing to do: the thread running generate marks the end, failure included."""
-
-
-def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
-    """Where the first of `stops` begins in `text`, looking from `start` on."""
-    found = [at for at in (text.find(stop, start) for stop in stops) if at >= 0]
-    return min(found, default=None)
-
-
-def _complete(text: str) -> str:
-    """`text` without a trailing incomplete character, which decoding writes as U+FFFD.
-
-    (A U+FFFD that the model really wrote last goes too: the two cannot be told apart there.)
-    """
-    return text.rstrip("\ufffd")
-
-
-def _stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """The length of the longest end of `text` that is the start of a stop string: it must wait for the next token."""
-    held = 0
-    for stop in stops:
-        start = max(0, len(text) - len(stop) + 1)
-        at = text.find(stop[0], start)
-        while at >= 0 and len(text) - at > held:
-            if stop.startswith(text[at:]):
-                held = len(text) - at
-                break
-            at = text.find(stop[0], at + 1)
-    return held
-
-
-def _log_cancelled(decoding: _Decoding) -> None:
+def _log_cancelled(decoding: Decoding) -> None:
     logger.info("stream %s cancelled after %d tokens", decoding.request.request_id, len(decoding.tokens))
 
 
@@ -559,25 +330,3 @@ def _context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     if tokenizer.model_max_length < 10_000_000:
         return int(tokenizer.model_max_length)
     raise ValueError("cannot tell the model's context length from its config or tokenizer")
-
-
-def _cache_name(package: str, gguf: Path) -> str:
-    """Names the exact file: a reinstalled or upgraded package gets a fresh conversion."""
-    stat = gguf.stat()
-    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return f"{package}--{gguf.stem}--{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-
-
-def _convert_gguf(gguf: Path, dest: Path) -> None:
-    """Dequantise a GGUF checkpoint into a transformers folder at `dest` (a staging folder of `write_once`)."""
-    started = time.perf_counter()
-    logger.info("converting %s (once)", gguf)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded from GGUF cannot be saved as it is; a fresh one of the same config takes its weights and can.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    logger.info("converted %s in %.1f s", gguf.name, elapsed_ms(started) / 1000)

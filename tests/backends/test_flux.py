@@ -24,9 +24,9 @@ from sheaf.backends.flux import FluxBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import Selection
-from sheaf.tiny_models import build_tiny_flux, build_tiny_flux_lora_a, build_tiny_flux_lora_b
 from tests.backends.cancelling import cancel_on_cue
 from tests.backends.streams import events
+from tiny.models import build_tiny_flux, build_tiny_flux_lora_a, build_tiny_flux_lora_b
 
 PREVIEW_MAX_SIDE = 32
 MAX_PIXELS = 64 * 128
@@ -561,11 +561,11 @@ def test_build_sources_are_deterministic_and_load(
     built = FluxBackend(
         DeploymentConfig(
             name="flux",
-            model=ModelSource(build="sheaf.tiny_models:build_tiny_flux"),
+            model=ModelSource(build="tiny.models:build_tiny_flux"),
             options={
                 "adapters": [
-                    {"name": "a", "source": {"build": "sheaf.tiny_models:build_tiny_flux_lora_a"}},
-                    {"name": "b", "source": {"build": "sheaf.tiny_models:build_tiny_flux_lora_b"}},
+                    {"name": "a", "source": {"build": "tiny.models:build_tiny_flux_lora_a"}},
+                    {"name": "b", "source": {"build": "tiny.models:build_tiny_flux_lora_b"}},
                 ]
             },
         )
@@ -573,9 +573,9 @@ def test_build_sources_are_deterministic_and_load(
     built.load()
     cache = tmp_path / "built"
     for name, folder in (
-        ("pipeline", "sheaf.tiny_models--build_tiny_flux"),
-        ("a", "sheaf.tiny_models--build_tiny_flux_lora_a"),
-        ("b", "sheaf.tiny_models--build_tiny_flux_lora_b"),
+        ("pipeline", "tiny.models--build_tiny_flux"),
+        ("a", "tiny.models--build_tiny_flux_lora_a"),
+        ("b", "tiny.models--build_tiny_flux_lora_b"),
     ):
         assert _files(cache / folder) == _files(weights[name]), f"{name} was built differently the second time"
     req = request(**SELECTIONS["a+b"])

@@ -17,8 +17,8 @@ from sheaf.api.forecast import FeatureRef, ForecastRequest, ForecastResponse, Fr
 from sheaf.backends.forecast import FREQUENCY_BUCKETS, ForecastBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
-from sheaf.tiny_timesfm import CONTEXT_LENGTH, HORIZON_LENGTH, build_tiny_timesfm
 from tests.backends.cancelling import cancel_on_cue
+from tiny.timesfm import CONTEXT_LENGTH, HORIZON_LENGTH, build_tiny_timesfm
 
 MAX_HORIZON = 64  # the deployment's options
 MAX_HISTORY = 512
@@ -128,8 +128,8 @@ def test_a_build_source_is_built_into_the_cache_and_answers_like_the_path(
     backend: ForecastBackend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("SHEAF_CACHE_DIR", str(tmp_path))
-    built = make_backend(ModelSource(build="sheaf.tiny_timesfm:build_tiny_timesfm"))
-    assert (tmp_path / "built" / "sheaf.tiny_timesfm--build_tiny_timesfm" / "config.json").is_file()
+    built = make_backend(ModelSource(build="tiny.timesfm:build_tiny_timesfm"))
+    assert (tmp_path / "built" / "tiny.timesfm--build_tiny_timesfm" / "config.json").is_file()
     req = request(output_mode="quantiles")
     assert_same_forecast(predict(built, req), predict(backend, req))
 

@@ -12,12 +12,13 @@ import pytest
 
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
-from sheaf.backends import textgen
+from sheaf.backends import gguf
+from sheaf.backends.sampling import Sampling
 from sheaf.backends.textgen import TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
-from sheaf.tiny_models import build_tiny_causal_lm
 from tests.backends.cancelling import cancel_on_cue
+from tiny.models import build_tiny_causal_lm
 
 LIMIT = 256  # the deployment's max_new_tokens_limit
 CONTEXT = 512  # the tiny model's context
@@ -303,17 +304,17 @@ def test_a_row_whose_sampling_fails_midway_fails_alone_in_its_batch(
     mates = [request(max_new_tokens=20), request(prompt="A", max_new_tokens=15, temperature=0.9, seed=4)]
     alone = [essentials(predict(backend, req)) for req in mates]
     doomed = request(prompt="My sister paints", max_new_tokens=20, temperature=0.5, seed=1)
-    pick = textgen._Sampling.pick
+    pick = Sampling.pick
     picks = [0]
 
-    def fail_on_the_fifth(sampling: textgen._Sampling, logits: Any) -> int:
+    def fail_on_the_fifth(sampling: Sampling, logits: Any) -> int:
         if sampling.temperature == 0.5:  # the doomed row only
             picks[0] += 1
             if picks[0] == 5:
                 raise RuntimeError("sampling failed on purpose")
         return pick(sampling, logits)
 
-    monkeypatch.setattr(textgen._Sampling, "pick", fail_on_the_fifth)
+    monkeypatch.setattr(Sampling, "pick", fail_on_the_fifth)
     first, failed, last = backend.predict_batch([mates[0], doomed, mates[1]])
     assert isinstance(failed, RuntimeError) and "on purpose" in str(failed)
     assert picks[0] == 5  # no further picks for a failed row
@@ -456,7 +457,7 @@ def test_smollm2_from_its_package_is_converted_once_and_answers(
     def no_conversion(*args: object) -> None:
         raise AssertionError("the second load converted the GGUF file again")
 
-    monkeypatch.setattr(textgen, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf, "_convert_gguf", no_conversion)
     second = TextGenerationBackend(config)
     second.load()
     assert predict(second, completion).text == answer.text

@@ -22,14 +22,15 @@ from pydantic import ValidationError
 
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent
-from sheaf.backends import whisper
+from sheaf.backends import segments, whisper
+from sheaf.backends.audio import decode_request_audio
 from sheaf.backends.base import ADMITTED
-from sheaf.backends.whisper import WhisperBackend, decode_request_audio
+from sheaf.backends.whisper import WhisperBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
-from sheaf.tiny_whisper import build_tiny_whisper
 from tests.backends.cancelling import cancel_on_cue
 from tests.backends.streams import events
+from tiny.whisper import build_tiny_whisper
 
 SENTENCES = [
     "Please send the report to my office before noon on Friday.",
@@ -316,7 +317,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def tiny(tiny_cache: Path) -> WhisperBackend:
     """The random multilingual model, made by its `build:` source into the cache."""
-    return load(ModelSource(build="sheaf.tiny_whisper:build_tiny_whisper"), batched=False)
+    return load(ModelSource(build="tiny.whisper:build_tiny_whisper"), batched=False)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -577,7 +578,7 @@ def test_quiet_cuts_cover_the_clip_and_fall_in_pauses() -> None:
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, 75 * 16000).astype(np.float32)
     for pause in (27.0, 54.0):  # seconds; the second within 5 s before the first cut's 30 s limit
         noise[int(pause * 16000) : int((pause + 0.3) * 16000)] = 0.0
-    stretches = whisper._quiet_cuts(noise)
+    stretches = segments._quiet_cuts(noise)
     assert stretches[0][0] == 0 and stretches[-1][1] == len(noise)
     assert all(end == next_start for (_, end), (next_start, _) in itertools.pairwise(stretches))
     assert all(0 < end - start <= 30 * 16000 for start, end in stretches)
@@ -772,7 +773,7 @@ def test_options_and_sources_are_checked() -> None:
 
 
 def test_tiny_model_is_built_the_same_every_time(tiny_cache: Path, tiny: WhisperBackend, tmp_path: Path) -> None:
-    built = tiny_cache / "built" / "sheaf.tiny_whisper--build_tiny_whisper"
+    built = tiny_cache / "built" / "tiny.whisper--build_tiny_whisper"
     again = build_tiny_whisper(tmp_path / "again")
     for name in ("model.bin", "config.json", "vocabulary.json", "tokenizer.json"):
         assert (again / name).read_bytes() == (built / name).read_bytes(), name
@@ -801,7 +802,7 @@ def test_tiny_model_honours_language_and_task_and_batches(
     (unknown,) = tiny.predict_batch([request(wav, language="xx")])
     assert isinstance(unknown, InvalidRequest) and unknown.field == "language"
     # The batched path detects each clip's language on its own.
-    tiny_batched = load(ModelSource(build="sheaf.tiny_whisper:build_tiny_whisper"), batched=True)
+    tiny_batched = load(ModelSource(build="tiny.whisper:build_tiny_whisper"), batched=True)
     detected = predict(tiny, request(wav, **FAST)).language
     outcomes = tiny_batched.predict_batch([request(wav, **FAST), request(wav, language="de", **FAST)])
     assert [o.language for o in outcomes if isinstance(o, TranscriptionResponse)] == [detected, "de"]

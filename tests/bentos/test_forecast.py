@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sheaf.api import FeatureRef
-from sheaf.features import create_demo_repo, demo_series, write_history
+from sheaf.feature_demo import create_demo_repo, demo_series, write_history
 from sheaf.streaming import SSEDecoder
 from tests.conftest import Server, free_port, predict_at_once, serve
 
@@ -167,7 +167,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory, redis_port: int) -> I
     (configs / "forecast.yaml").write_text(
         f"""
 name: forecast
-model: {{build: "sheaf.tiny_timesfm:build_tiny_timesfm"}}
+model: {{build: "tiny.timesfm:build_tiny_timesfm"}}
 feature_store: {{repo: "{repo}"}}
 """
     )

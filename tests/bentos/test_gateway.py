@@ -62,7 +62,7 @@ BROKEN = {
     ),
     "a bad backend option": (
         "flux.yaml",
-        "model: {build: sheaf.tiny_models:build_tiny_flux}\noptions: {max_pixels: lots}\n",
+        "model: {build: tiny.models:build_tiny_flux}\noptions: {max_pixels: lots}\n",
         "flux.yaml: options.max_pixels: Input should be a valid integer, unable to parse string as an integer "
         "(got 'lots')",
     ),

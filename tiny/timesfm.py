@@ -3,7 +3,7 @@
 transformers' `TimesFmModelForPrediction` with the real architecture (patched input, causal
 decoder, mean and quantile heads, frequency embedding), shrunk to about 160 KB of weights.
 The forecasting code that serves it is the code that serves `google/timesfm-2.0-500m-pytorch`;
-only the weights are random. Used as a config `build:` source: `sheaf.tiny_timesfm:build_tiny_timesfm`.
+only the weights are random. Used as a config `build:` source: `tiny.timesfm:build_tiny_timesfm`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ faster-whisper loads it exactly like a real converted checkpoint: the vocabulary
 real multilingual layout (51865 ids: text tokens, `<|endoftext|>` at 50257, 99 language
 tokens, task and timestamp tokens), so language detection, translation, prompts and word
 timestamps all run through the real code paths; only the weights are random and tiny.
-Used as a config `build:` source: `sheaf.tiny_whisper:build_tiny_whisper`.
+Used as a config `build:` source: `tiny.whisper:build_tiny_whisper`.
 """
 
 from __future__ import annotations
