@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sheaf.api.forecast import FeatureRef
+    from sheaf.api.feature_ref import FeatureRef
 
 
 class SheafError(Exception):

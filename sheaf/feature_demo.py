@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sheaf.api.forecast import FeatureRef
+from sheaf.api.feature_ref import FeatureRef
 from sheaf.features import ViewSchema
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sheaf.api.forecast import FeatureRef
+from sheaf.api.feature_ref import FeatureRef
 
 # The lookup errors live in sheaf.exceptions, in the one hierarchy the client raises too; named here as well.
 from sheaf.exceptions import FeatureEntityNotFound as FeatureEntityNotFound

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sheaf.api.forecast import FeatureRef
+from sheaf.api.feature_ref import FeatureRef
 from sheaf.feature_demo import DEMO_END, create_demo_repo, demo_series, write_history
 from sheaf.features import (
     FeatureEntityNotFound,

@@ -12,7 +12,8 @@ from sheaf.api.events import (
     TokenEvent,
     parse_event,
 )
-from sheaf.api.forecast import FeatureRef, ForecastRequest, ForecastResponse
+from sheaf.api.feature_ref import FeatureRef
+from sheaf.api.forecast import ForecastRequest, ForecastResponse
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 
 __all__ = [

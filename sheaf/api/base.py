@@ -10,7 +10,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 if TYPE_CHECKING:
-    from sheaf.api.forecast import FeatureRef
+    from sheaf.api.feature_ref import FeatureRef
 
 
 def new_request_id() -> str:

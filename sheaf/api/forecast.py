@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sheaf.api.base import BaseRequest, BaseResponse
+from sheaf.api.feature_ref import FeatureRef
 
 Frequency = Literal["1min", "5min", "15min", "1h", "1d", "1W", "1M"]
-
-
-class FeatureRef(BaseModel):
-    """A value history in the feature store: `feature_view:feature_name` for one entity."""
-
-    feature_view: str = Field(min_length=1)
-    feature_name: str = Field(min_length=1)
-    entity_key: str = Field(min_length=1)
-    entity_value: str = Field(min_length=1)
 
 
 class ForecastResponse(BaseResponse):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from sheaf.api import DiffusionRequest, ForecastRequest
-from sheaf.api.forecast import FeatureRef
+from sheaf.api.feature_ref import FeatureRef
 from tests.conftest import Server
 
 HISTORY = [float(i % 7) for i in range(48)]

@@ -13,7 +13,8 @@ import torch
 from pydantic import ValidationError
 
 from sheaf.api.events import ResultEvent
-from sheaf.api.forecast import FeatureRef, ForecastRequest, ForecastResponse, Frequency
+from sheaf.api.feature_ref import FeatureRef
+from sheaf.api.forecast import ForecastRequest, ForecastResponse, Frequency
 from sheaf.backends.forecast import FREQUENCY_BUCKETS, ForecastBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
