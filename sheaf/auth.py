@@ -11,13 +11,13 @@ a caller without a key which deployments exist.
 
 import hashlib
 import hmac
-import json
 import os
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sheaf.asgi import send_json
 from sheaf.config import Auth, ConfigError
 
 # BentoML's own probes; each deployment adds `/{name}/health` and `/{name}/ready`.
@@ -89,12 +89,5 @@ async def _unauthorized(send: Send, *, wrong: bool) -> None:
     body: dict[str, Any] = {
         "detail": "invalid API key" if wrong else "missing API key: send `Authorization: Bearer <key>`"
     }
-    content = json.dumps(body).encode()
     challenge = b'Bearer error="invalid_token"' if wrong else b"Bearer"
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(content)).encode()),
-        (b"www-authenticate", challenge),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
+    await send_json(send, 401, body, [(b"www-authenticate", challenge)])

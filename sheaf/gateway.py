@@ -27,13 +27,11 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import bentoml
-import pydantic_core
 from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sheaf import auth, shutdown, slow_clients, upstream
 from sheaf.api.base import BaseRequest
@@ -42,8 +40,11 @@ from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limi
 from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
 from sheaf.outcomes import Outcome, error_outcome
+from sheaf.request_bodies import RequestBodies
 from sheaf.service import typed
 from sheaf.streaming import ACCEPTED, HEARTBEAT, FrameRelay, encode_event, error_event
+from sheaf.unknown_deployments import UnknownDeployments
+from sheaf.validation_errors import ValidationErrorsAs422
 
 logger = logging.getLogger("sheaf.gateway")
 
@@ -307,14 +308,16 @@ async def _relay(
     deadline = loop.time() + budget
     frames_in = FrameRelay()
     started = finished = False
+    last_sent = loop.time()  # heartbeats count from what the client last got, not from what came in
     try:
         while not finished:
-            wait = deadline - loop.time()
+            until = min(deadline, last_sent + config.heartbeat_s) if started else deadline
             try:
                 # wait_for cancels only its own get(), never the pump reading the deployment.
-                chunk = await asyncio.wait_for(chunks.get(), min(wait, config.heartbeat_s) if started else wait)
+                chunk = await asyncio.wait_for(chunks.get(), until - loop.time())
             except TimeoutError:
                 if loop.time() < deadline:
+                    last_sent = loop.time()
                     yield HEARTBEAT
                     continue
                 detail = f"no result within the deadline of {budget:g} s"
@@ -333,13 +336,13 @@ async def _relay(
             last = frames_in.last_event(complete)
             if last is None:  # comments only: the deployment's heartbeats (ours replace them) or its acceptance
                 if not started and ACCEPTED in complete:
-                    started = True
+                    started, last_sent = True, loop.time()
                     yield ACCEPTED
                 continue
             if not started and last["type"] == "error" and "status" in last:
                 yield _http_error(ctx, last["status"], last["body"], config)
                 return
-            started, finished = True, last["done"]
+            started, finished, last_sent = True, last["done"], loop.time()
             yield complete
     except Exception as exc:
         logger.exception("relaying a stream failed")
@@ -419,142 +422,3 @@ async def all_ready(deployments: dict[str, bentoml.Service[Any]]) -> bool:
     """Whether every deployment has loaded its model: the entry service's own `/readyz`."""
     outcomes = await asyncio.gather(*(_readiness(name, d) for name, d in deployments.items()))
     return all(outcome["status"] == 200 for outcome in outcomes)
-
-
-CONTRACT_ROUTES = frozenset({"predict", "stream", "batch", "health", "ready"})
-
-
-class UnknownDeployments:
-    """A contract route of a deployment that does not exist is a JSON 404 naming the ones that do."""
-
-    def __init__(self, app: ASGIApp, deployments: list[str]) -> None:
-        self.app = app
-        self.deployments = sorted(deployments)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            parts = scope["path"].strip("/").split("/")
-            if len(parts) == 2 and parts[1] in CONTRACT_ROUTES and parts[0] not in self.deployments:
-                detail = f"no deployment named {parts[0]!r}; these exist: {', '.join(self.deployments)}"
-                await _answer(send, 404, {"detail": detail, "deployments": self.deployments})
-                return
-        await self.app(scope, receive, send)
-
-
-class RequestBodies:
-    """What reaches a deployment's routes is JSON within its `max_body_mb`.
-
-    - 413 for a body over the limit, declared or chunked, before anything reads it;
-    - any content type is read as JSON (BentoML would otherwise try multipart forms and fail
-      with 500);
-    - a `/batch` body that is not JSON is a 422 here: BentoML parses list bodies with
-      `json.loads` and answers its errors (bad bytes, deep nesting, huge numbers) with 500.
-    """
-
-    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
-        self.app = app
-        self.limits = limits
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.limits.get(scope["path"]) if scope["type"] == "http" else None
-        if limit is None:
-            await self.app(scope, receive, send)
-            return
-        too_large = {"detail": f"request body is larger than this deployment's limit of {limit} bytes"}
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _answer(send, 413, too_large)
-            return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > limit:
-                await _answer(send, 413, too_large)
-                return
-            if not message.get("more_body"):
-                break
-        if scope["path"].endswith("/batch"):
-            try:
-                pydantic_core.from_json(body)
-            except ValueError as exc:
-                detail = [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
-                await _answer(send, 422, {"detail": detail})
-                return
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app({**scope, "headers": headers}, replay, send)
-
-
-async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
-    content = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
-
-
-class ValidationErrorsAs422:
-    """Answer BentoML's 400 for a body that fails validation as the contract's 422 `{"detail": [...]}`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        held: Message | None = None
-        body = b""
-
-        async def send_rewritten(message: Message) -> None:
-            nonlocal held, body
-            if message["type"] == "http.response.start" and message["status"] == 400:
-                held = message
-                return
-            if held is None:
-                await send(message)
-                return
-            body += message.get("body", b"")
-            if message.get("more_body"):
-                return
-            content = json.dumps({"detail": _validation_detail(body)}).encode()
-            headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(content)).encode()))
-            await send({**held, "status": 422, "headers": headers})
-            await send({"type": "http.response.body", "body": content})
-
-        await self.app(scope, receive, send_rewritten)
-
-
-def _validation_detail(body: bytes) -> Any:
-    """Pydantic's errors without the doc links, with `body` first in each location as FastAPI does."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace")
-    if not isinstance(payload, dict) or not isinstance(payload.get("detail"), list):
-        return payload.get("error", payload) if isinstance(payload, dict) else payload
-    return [
-        {
-            "loc": ["body", *_without_root(error.get("loc", []))],
-            "msg": error.get("msg", ""),
-            "type": error.get("type", ""),
-        }
-        for error in payload["detail"]
-    ]
-
-
-def _without_root(loc: list[Any]) -> list[Any]:
-    """BentoML wraps a list body in a model whose one field is `root`; the caller never saw it."""
-    return loc[1:] if loc[:1] == ["root"] else loc

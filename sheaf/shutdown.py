@@ -19,17 +19,16 @@ the request, and so a shutdown, until `traffic.timeout` (minutes).
 """
 
 import asyncio
-import json
 import logging
 import signal
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sheaf.asgi import send_json
 from sheaf.streaming import encode_event
 
 GRACE_S = 20.0
@@ -95,7 +94,7 @@ class Drain:
             # The route ended without an answer: its client left (mid-body, say). BentoML's
             # TimeoutMiddleware waits for a first message until `traffic.timeout` all the same,
             # and a shutdown waits for it; uvicorn drops this answer to a client that has gone.
-            await _answer(send, 499, {"detail": "the client left before the answer"})
+            await send_json(send, 499, {"detail": "the client left before the answer"})
 
     def _watch_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -139,11 +138,4 @@ async def _cut_off(response: _Response, send: Send) -> None:
 
 async def _unavailable(send: Send) -> None:
     detail = {"detail": f"{SHUTTING_DOWN}; retry after {RETRY_AFTER_S} s"}
-    await _answer(send, 503, detail, [(b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")])
-
-
-async def _answer(send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    content = json.dumps(body).encode()
-    start = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": start})
-    await send({"type": "http.response.body", "body": content})
+    await send_json(send, 503, detail, [(b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")])

@@ -9,7 +9,7 @@ import pytest
 from sheaf.api import DiffusionRequest, ForecastRequest, TextGenerationRequest, TranscriptionRequest
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import PROGRESS_EVENTS
-from sheaf.gateway import CONTRACT_ROUTES
+from sheaf.unknown_deployments import CONTRACT_ROUTES
 
 CONTRACT = (Path(__file__).resolve().parent.parent / "docs" / "wire-contract.md").read_text()
 
