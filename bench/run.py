@@ -29,6 +29,8 @@ from bench.load import RUNS, SLOWDOWN, LoadStep, latency_ms, load_ladder, throug
 from bench.memory import PeakRSS, rss_mb
 from bench.stamped import STAMPS_ENV
 from bench.streams import Cancellation, Delivery, Stamps, cancellation, delivery
+from sheaf.api import DiffusionRequest, ForecastRequest, TextGenerationRequest, TranscriptionRequest
+from sheaf.api.base import BaseRequest
 from sheaf.backends.base import limit_torch_threads
 from sheaf.config import load_config
 from sheaf.deployment import import_string
@@ -42,6 +44,12 @@ BACKENDS = {
     "flux": "Flux",
     "whisper": "Whisper",
     "forecast": "Forecast",
+}
+REQUESTS: dict[str, type[BaseRequest[Any]]] = {
+    "textgen": TextGenerationRequest,
+    "flux": DiffusionRequest,
+    "whisper": TranscriptionRequest,
+    "forecast": ForecastRequest,
 }
 STREAMING = ("textgen", "flux", "whisper")  # forecast sends a single event: nothing to cancel mid-way
 SPEECH = "please send me the report by tomorrow morning"
@@ -109,7 +117,7 @@ def overhead_ms(server: Server, folder: Path, name: str, body: dict[str, Any]) -
     of `GET /{name}/ready`: an empty round trip through the same two hops, the floor of any predict."""
     backend = import_string(f"bench.stamped:{BACKENDS[name]}")(load_config(folder / f"{name}.yaml"))
     backend.load()
-    request = backend.request_model.model_validate(body)
+    request = REQUESTS[name].model_validate(body)
     # The standard library's client on one kept-alive connection: it costs the least of this
     # process's time, so that the figure is the server's.
     address = urlsplit(server.url)

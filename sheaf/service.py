@@ -6,8 +6,6 @@ frames) and `ready`. This module imports no model code: the backend is imported 
 inside the worker.
 """
 
-import asyncio
-import threading
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Annotated, Any, TypeVar
@@ -19,7 +17,7 @@ from pydantic import BaseModel
 from sheaf.api.base import BaseRequest
 from sheaf.config import config_dir, load_config
 from sheaf.deployment import Deployment
-from sheaf.disconnects import until_disconnected
+from sheaf.disconnects import cancel_on_disconnect
 from sheaf.logs import show_sheaf_logs
 from sheaf.outcomes import Outcome
 
@@ -64,13 +62,8 @@ def deployment_service(
             self, requests: list[BaseRequest[Any]], ctx: bentoml.Context
         ) -> Annotated[list[Outcome], JSON]:
             # The entry service closes the connection once every caller of the batch has gone.
-            cancel = threading.Event()
-            watcher = asyncio.ensure_future(until_disconnected(ctx.request))
-            watcher.add_done_callback(lambda done: None if done.cancelled() else cancel.set())
-            try:
+            async with cancel_on_disconnect(ctx.request) as cancel:
                 return await self.deployment.predict(requests, cancel)
-            finally:
-                watcher.cancel()
 
         @bentoml.api
         @typed(request=request_model)
