@@ -51,9 +51,10 @@ def latency_ms(*calls: Callable[[], object]) -> list[tuple[float, float]]:
     ]
 
 
-async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int) -> float:
-    """Requests per second with `concurrency` clients each sending as soon as its last answer came."""
-    async with predicts(url, name, body, connections=concurrency, timeout_s=300) as post:
+async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int, path: str | None = None) -> float:
+    """Requests per second with `concurrency` clients each sending as soon as its last answer came,
+    to `path` (`/{name}/predict` unless given)."""
+    async with predicts(url, name, body, connections=concurrency, timeout_s=300, path=path) as post:
 
         async def worker(until: float) -> int:
             done = 0
@@ -74,7 +75,7 @@ async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int
 
 @asynccontextmanager
 async def predicts(
-    url: str, name: str, body: dict[str, Any], *, connections: int, timeout_s: float
+    url: str, name: str, body: dict[str, Any], *, connections: int, timeout_s: float, path: str | None = None
 ) -> AsyncIterator[Callable[[], Awaitable[int]]]:
     """Send a predict of `body`, answer its status; at most `connections` at once (0: no limit).
 
@@ -85,7 +86,7 @@ async def predicts(
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(timeout_s)) as session:
 
         async def post() -> int:
-            async with session.post(f"/{name}/predict", data=data, headers=headers) as response:
+            async with session.post(path or f"/{name}/predict", data=data, headers=headers) as response:
                 await response.read()
                 return response.status
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import wave
@@ -34,7 +35,7 @@ from sheaf.api.base import BaseRequest
 from sheaf.backends.base import limit_torch_threads
 from sheaf.config import load_config
 from sheaf.deployment import import_string
-from tests.conftest import Server, serve, speak
+from tests.conftest import ROOT, Server, serve, speak
 from tiny.models import build_tiny_causal_lm
 
 CONCURRENCY = (1, 8, 32)
@@ -65,9 +66,16 @@ class Results:
     rest_mb: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
     load: dict[str, list[LoadStep]] = field(default_factory=dict)
+    # (deployment, "sheaf" | "bentoml", concurrency): req/s against the deployment's own /predict
+    batchers: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    # (deployment, workers, concurrency): req/s through the entry service
+    replicas: dict[tuple[str, int, int], float] = field(default_factory=dict)
+    # the same figures as `overhead` and `rates` (batched), from the tree at BENCH_BEFORE
+    before_overhead: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    before_rates: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
-def configs(folder: Path, lm: Path, batch: bool) -> None:
+def configs(folder: Path, lm: Path, batch: bool, workers: int = 1) -> None:
     models = {
         "textgen": f'{{path: "{lm}"}}',
         "flux": '{build: "tiny.models:build_tiny_flux"}',
@@ -76,7 +84,7 @@ def configs(folder: Path, lm: Path, batch: bool) -> None:
     }
     for name, model in models.items():
         (folder / f"{name}.yaml").write_text(
-            f"name: {name}\nbackend: bench.stamped:{BACKENDS[name]}\nmodel: {model}\nthreads: 1\n"
+            f"name: {name}\nbackend: bench.stamped:{BACKENDS[name]}\nmodel: {model}\nthreads: 1\nworkers: {workers}\n"
             f"batching: {{max_batch_size: {32 if batch else 1}}}\nlimits: {{max_pending: 4096, max_streams: 1024}}\n"
         )
 
@@ -179,6 +187,66 @@ def measure(work: Path, lm: Path, batch: bool, results: Results) -> None:
             results.peak_mb = peak.peak
 
 
+BATCHED = {"textgen": "TextGen", "forecast": "Forecast", "flux": "Flux"}  # the deployments batching helps
+
+
+def compare_batchers(work: Path, lm: Path, results: Results) -> None:
+    """Each deployment served alone, its predicts batched by sheaf's batcher (`bentos/<name>.py`)
+    or by BentoML's adaptive batching (`bench/adaptive.py`): the same load on its own `/predict`."""
+    bodies = requests(work)
+    folder = work / "batchers"
+    folder.mkdir()
+    configs(folder, lm, batch=True)
+    for name, service in BATCHED.items():
+        arms: dict[str, tuple[str, dict[str, Any]]] = {
+            "sheaf": (f"bentos.{name}:{service}", {"request": bodies[name]}),
+            "bentoml": (f"bench.adaptive:{service}Adaptive", {"requests": [bodies[name]]}),
+        }
+        for arm, (target, body) in arms.items():
+            for server in serve(folder, folder / f"{name}-{arm}.log", ready=(), target=target):
+                for concurrency in CONCURRENCY:
+                    rate = asyncio.run(throughput(server.url, name, body, concurrency, path="/predict"))
+                    results.batchers[(name, arm, concurrency)] = rate
+                    print(f"{name} {arm} batcher c={concurrency}: {rate:.1f} req/s")
+
+
+def compare_replicas(work: Path, lm: Path, results: Results) -> None:
+    """Two workers per deployment (each with its own model and batcher) against one, on the same load."""
+    bodies = requests(work)
+    folder = work / "two-replicas"
+    folder.mkdir()
+    configs(folder, lm, batch=True, workers=2)
+    for server in serve(folder, folder / "server.log", ready=tuple(BACKENDS)):
+        for name, body in bodies.items():
+            for concurrency in CONCURRENCY[1:]:
+                rate = asyncio.run(throughput(server.url, name, body, concurrency))
+                results.replicas[(name, 2, concurrency)] = rate
+                print(f"{name} workers=2 c={concurrency}: {rate:.1f} req/s")
+    for (name, batch, concurrency), rate in results.rates.items():
+        if batch and concurrency > 1:
+            results.replicas[(name, 1, concurrency)] = rate
+
+
+def measure_before(work: Path, lm: Path, commit: str, results: Results) -> None:
+    """Overhead and batched throughput of the code at `commit` (a git worktree), in this same run."""
+    tree = work / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
+    try:
+        bodies = requests(work)
+        folder = work / "before-configs"
+        folder.mkdir()
+        configs(folder, lm, batch=True)
+        for server in serve(folder, folder / "server.log", ready=tuple(BACKENDS), cwd=tree):
+            for name, body in bodies.items():
+                results.before_overhead[name] = overhead_ms(server, folder, name, body)
+                for concurrency in CONCURRENCY:
+                    rate = asyncio.run(throughput(server.url, name, body, concurrency))
+                    results.before_rates[(name, concurrency)] = rate
+                    print(f"before {name} c={concurrency}: {rate:.1f} req/s")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "unknown CPU")
@@ -194,8 +262,12 @@ def main() -> int:
     limit_torch_threads(1)  # as the served deployments (`threads: 1`)
     lm = build_tiny_causal_lm(work / "tiny-lm", context=4096)
     results = Results()
+    if before := os.environ.get("BENCH_BEFORE"):  # a commit to set this tree against
+        measure_before(work, lm, before, results)
     for batch in (True, False):
         measure(work, lm, batch, results)
+    compare_replicas(work, lm, results)
+    compare_batchers(work, lm, results)
     table = report(results)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{datetime.date.today().isoformat()}.md"
@@ -238,6 +310,7 @@ def report(results: Results) -> str:
         )
         gain = results.rates[(name, True, CONCURRENCY[-1])] / results.rates[(name, False, CONCURRENCY[-1])]
         lines.append(f"| {name} | {cells} | {gain:.1f}x |")
+    lines += report_comparisons(results)
     lines += [
         "",
         "## Stream delivery (concurrency 1)",
@@ -285,6 +358,55 @@ def report(results: Results) -> str:
         after = f"{failed.rate:.1f}, {failed.p99_ms:.1f}, {failed.errors}/{failed.sent}" if failed else "not reached"
         lines.append(f"| {name} | {unloaded:.2f} | {best} | {after} |")
     return "\n".join([*lines, ""])
+
+
+def report_comparisons(results: Results) -> list[str]:
+    lines: list[str] = []
+    if results.before_rates:
+        lines += [
+            "",
+            f"## Before and after (`BENCH_BEFORE={os.environ.get('BENCH_BEFORE')}`, the same run)",
+            "",
+            "| deployment | overhead p50 before | after | c=1 req/s before | after | c=8 before | after "
+            "| c=32 before | after |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, (served, raw, _) in results.before_overhead.items():
+            now_served, now_raw, _ = results.overhead[name]
+            cells = " | ".join(
+                f"{results.before_rates[(name, c)]:.1f} | {results.rates[(name, True, c)]:.1f}" for c in CONCURRENCY
+            )
+            lines.append(f"| {name} | {served[0] - raw[0]:.2f} | {now_served[0] - now_raw[0]:.2f} | {cells} |")
+    if results.replicas:
+        lines += [
+            "",
+            "## One replica against two (workers: 2), through the entry service, req/s",
+            "",
+            "| deployment | c=8 one | c=8 two | c=32 one | c=32 two |",
+            "|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(name for name, _, _ in results.replicas):
+            cells = " | ".join(
+                f"{results.replicas.get((name, 1, c), float('nan')):.1f} | "
+                f"{results.replicas.get((name, 2, c), float('nan')):.1f}"
+                for c in CONCURRENCY[1:]
+            )
+            lines.append(f"| {name} | {cells} |")
+    if results.batchers:
+        lines += [
+            "",
+            "## sheaf's batcher against BentoML's adaptive batching (the deployment served alone), req/s",
+            "",
+            "| deployment | " + " | ".join(f"c={c} sheaf | c={c} BentoML" for c in CONCURRENCY) + " |",
+            "|---|" + "---|" * (2 * len(CONCURRENCY)),
+        ]
+        for name in dict.fromkeys(name for name, _, _ in results.batchers):
+            cells = " | ".join(
+                f"{results.batchers[(name, 'sheaf', c)]:.1f} | {results.batchers[(name, 'bentoml', c)]:.1f}"
+                for c in CONCURRENCY
+            )
+            lines.append(f"| {name} | {cells} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,20 +1,35 @@
 """The entry service: every configured deployment behind one host and port.
 
-Each other module of this package defines one deployment's service; those whose config
-is in the active config set are served. Adding a backend is adding a module and a config.
+Each route hands its call to the deployment's `sheaf.gateway.Lane`, which admits it, bounds
+it by its deadline and sends it to the deployment's process (where predicts are batched).
+A deployment whose config is absent from the active config set is not served: its routes
+class is left out of `Sheaf`. Adding a backend is a service module, a config and a routes class.
 """
 
-import importlib
-import pkgutil
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import bentoml
 
-import bentos
+from bentos.flux import Flux
+from bentos.forecast import Forecast
+from bentos.textgen import TextGen
+from bentos.whisper import Whisper
+from sheaf.api import (
+    DiffusionRequest,
+    DiffusionResponse,
+    ForecastRequest,
+    ForecastResponse,
+    TextGenerationRequest,
+    TextGenerationResponse,
+    TranscriptionRequest,
+    TranscriptionResponse,
+)
 from sheaf.arbiter import private_control_sockets
-from sheaf.config import SERVER_CONFIG_FILE, ConfigError, config_dir
-from sheaf.gateway import gateway_routes, serve_contract
+from sheaf.config import check_config_dir
+from sheaf.gateway import BatchItem, Gateway, contract_middlewares, probes
 from sheaf.metrics import own_multiprocess_dir
+from sheaf.outcomes import Outcome
 from sheaf.service import TIMEOUT_MARGIN_S
 
 # Before `bentoml serve` starts its servers: a metrics folder of this server's own (BentoML's
@@ -23,39 +38,104 @@ own_multiprocess_dir()
 private_control_sockets()
 
 
-def _deployments() -> list[bentoml.Service[Any]]:
-    """The configured deployments; a config error stops start-up with its one-line message."""
-    try:
-        folder = config_dir()
-        modules = [importlib.import_module(f"bentos.{m.name}") for m in pkgutil.iter_modules(bentos.__path__)]
-    except ConfigError as exc:
-        raise SystemExit(f"sheaf: config error: {exc}") from None
-    services = [
-        service
-        for module in modules
-        if module.__name__ != __name__
-        for service in vars(module).values()
-        if isinstance(service, bentoml.Service)
-    ]
-    served = {service.inner.config_path.name for service in services} | {SERVER_CONFIG_FILE}
-    unused = sorted(path.name for path in folder.glob("*.yaml") if path.name not in served)
-    if unused:  # most likely a typo in the file name: say so rather than serve without it
-        raise SystemExit(f"sheaf: config error: {folder}: no service module reads {', '.join(unused)}")
-    if not services:
-        raise SystemExit(f"sheaf: config error: {folder}: no deployment configs (*.yaml) there")
-    return services
+class FluxRoutes(Gateway):
+    flux = bentoml.depends(Flux)
+
+    @bentoml.api(route="/flux/predict")
+    async def flux_predict(self, request: DiffusionRequest, /, ctx: bentoml.Context) -> DiffusionResponse:
+        return await self.lanes["flux"].predict(request, ctx)
+
+    @bentoml.api(route="/flux/stream")
+    async def flux_stream(self, request: DiffusionRequest, /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        async for chunk in self.lanes["flux"].stream(request, ctx):
+            yield chunk
+
+    @bentoml.api(route="/flux/batch")
+    async def flux_batch(self, requests: list[BatchItem[DiffusionRequest]], /, ctx: bentoml.Context) -> list[Outcome]:
+        return await self.lanes["flux"].batch(requests, ctx)
 
 
-DEPLOYMENTS = _deployments()
+class ForecastRoutes(Gateway):
+    forecast = bentoml.depends(Forecast)
+
+    @bentoml.api(route="/forecast/predict")
+    async def forecast_predict(self, request: ForecastRequest, /, ctx: bentoml.Context) -> ForecastResponse:
+        return await self.lanes["forecast"].predict(request, ctx)
+
+    @bentoml.api(route="/forecast/stream")
+    async def forecast_stream(self, request: ForecastRequest, /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        async for chunk in self.lanes["forecast"].stream(request, ctx):
+            yield chunk
+
+    @bentoml.api(route="/forecast/batch")
+    async def forecast_batch(
+        self, requests: list[BatchItem[ForecastRequest]], /, ctx: bentoml.Context
+    ) -> list[Outcome]:
+        return await self.lanes["forecast"].batch(requests, ctx)
 
 
+class TextGenRoutes(Gateway):
+    textgen = bentoml.depends(TextGen)
+
+    @bentoml.api(route="/textgen/predict")
+    async def textgen_predict(self, request: TextGenerationRequest, /, ctx: bentoml.Context) -> TextGenerationResponse:
+        return await self.lanes["textgen"].predict(request, ctx)
+
+    @bentoml.api(route="/textgen/stream")
+    async def textgen_stream(
+        self, request: TextGenerationRequest, /, ctx: bentoml.Context
+    ) -> AsyncGenerator[str, None]:
+        async for chunk in self.lanes["textgen"].stream(request, ctx):
+            yield chunk
+
+    @bentoml.api(route="/textgen/batch")
+    async def textgen_batch(
+        self, requests: list[BatchItem[TextGenerationRequest]], /, ctx: bentoml.Context
+    ) -> list[Outcome]:
+        return await self.lanes["textgen"].batch(requests, ctx)
+
+
+class WhisperRoutes(Gateway):
+    whisper = bentoml.depends(Whisper)
+
+    @bentoml.api(route="/whisper/predict")
+    async def whisper_predict(self, request: TranscriptionRequest, /, ctx: bentoml.Context) -> TranscriptionResponse:
+        return await self.lanes["whisper"].predict(request, ctx)
+
+    @bentoml.api(route="/whisper/stream")
+    async def whisper_stream(self, request: TranscriptionRequest, /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        async for chunk in self.lanes["whisper"].stream(request, ctx):
+            yield chunk
+
+    @bentoml.api(route="/whisper/batch")
+    async def whisper_batch(
+        self, requests: list[BatchItem[TranscriptionRequest]], /, ctx: bentoml.Context
+    ) -> list[Outcome]:
+        return await self.lanes["whisper"].batch(requests, ctx)
+
+
+ROUTES: Sequence[tuple[bentoml.Service[Any], type[Gateway]]] = (
+    (Flux, FluxRoutes),
+    (Forecast, ForecastRoutes),
+    (TextGen, TextGenRoutes),
+    (Whisper, WhisperRoutes),
+)
+CONFIGURED = [(service, routes) for service, routes in ROUTES if service.inner.deployment_config is not None]
+SERVED = [service for service, _ in CONFIGURED]
+check_config_dir(served=[service.name for service in SERVED])
+
+
+@bentoml.asgi_app(probes(SERVED), path="/", name="probes")
 # BentoML's timeout only bounds the time to a stream's first byte; sheaf's own deadlines come first.
 @bentoml.service(
     name="sheaf",
-    traffic={"timeout": max(d.inner.deployment_config.timeout_s for d in DEPLOYMENTS) + TIMEOUT_MARGIN_S},
+    traffic={"timeout": max(s.inner.deployment_config.timeout_s for s in SERVED) + TIMEOUT_MARGIN_S},
 )
-class Sheaf(gateway_routes(*DEPLOYMENTS)):  # type: ignore[misc]
-    """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready for each deployment."""
+class Sheaf(*(routes for _, routes in CONFIGURED)):  # type: ignore[misc]
+    """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready per deployment."""
+
+    deployments = SERVED
 
 
-serve_contract(Sheaf)
+for middleware, options in contract_middlewares(SERVED):
+    Sheaf.add_asgi_middleware(middleware, **options)

@@ -1,12 +1,32 @@
 """Text generation: a transformers causal LM, streamed token by token."""
 
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+import bentoml
+
 from sheaf.api import TextGenerationRequest
 from sheaf.options import TextGenerationOptions
-from sheaf.service import deployment_service
+from sheaf.outcomes import Outcome
+from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
 
-TextGen = deployment_service(
-    "textgen",  # configs/textgen.yaml
-    request_model=TextGenerationRequest,
-    backend="sheaf.backends.textgen:TextGenerationBackend",
-    options=TextGenerationOptions,
-)
+CONFIG = deployment_config("textgen", TextGenerationOptions)  # configs/textgen.yaml; None: not served
+
+
+@bentoml.service(**service_settings(CONFIG))
+class TextGen(DeploymentService):
+    deployment_config = CONFIG
+    backend = "sheaf.backends.textgen:TextGenerationBackend"
+
+    @bentoml.api
+    async def predict(self, request: TextGenerationRequest) -> Annotated[Outcome, JSON]:
+        return await self.answer_one(request)
+
+    @bentoml.api
+    async def batch(self, requests: list[TextGenerationRequest]) -> Annotated[list[Outcome], JSON]:
+        return await self.answer(requests)
+
+    @bentoml.api
+    async def stream(self, request: TextGenerationRequest) -> AsyncGenerator[str, None]:
+        async for frame in self.frames(request):
+            yield frame

@@ -1,12 +1,32 @@
 """Transcription: faster-whisper, segments streamed as they decode."""
 
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+import bentoml
+
 from sheaf.api import TranscriptionRequest
 from sheaf.options import WhisperOptions
-from sheaf.service import deployment_service
+from sheaf.outcomes import Outcome
+from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
 
-Whisper = deployment_service(
-    "whisper",  # configs/whisper.yaml
-    request_model=TranscriptionRequest,
-    backend="sheaf.backends.whisper:WhisperBackend",
-    options=WhisperOptions,
-)
+CONFIG = deployment_config("whisper", WhisperOptions)  # configs/whisper.yaml; None: not served
+
+
+@bentoml.service(**service_settings(CONFIG))
+class Whisper(DeploymentService):
+    deployment_config = CONFIG
+    backend = "sheaf.backends.whisper:WhisperBackend"
+
+    @bentoml.api
+    async def predict(self, request: TranscriptionRequest) -> Annotated[Outcome, JSON]:
+        return await self.answer_one(request)
+
+    @bentoml.api
+    async def batch(self, requests: list[TranscriptionRequest]) -> Annotated[list[Outcome], JSON]:
+        return await self.answer(requests)
+
+    @bentoml.api
+    async def stream(self, request: TranscriptionRequest) -> AsyncGenerator[str, None]:
+        async for frame in self.frames(request):
+            yield frame

@@ -1,7 +1,8 @@
-"""Adaptive batching: concurrent predicts for one deployment leave as one call.
+"""Adaptive batching: concurrent predicts that reach one deployment process leave as one model call.
 
-A batch leaves as soon as one of the deployment's `slots` is free (one per worker), with
-every request that arrived while they were all busy, up to `max_batch_size` items. So a
+It runs beside the model (`sheaf.service`), so that each replica batches what it receives.
+A batch leaves as soon as one of the `slots` is free (one: the model runs one batch at a
+time), with every request that arrived while they were all busy, up to `max_batch_size` items. So a
 lone request waits for nothing, and under load the batches grow with the queue: the batch
 size follows the load with no window to tune. A group of items (one `/batch` call) always
 leaves whole, in one batch.
@@ -50,7 +51,7 @@ class Batcher(Generic[Item, Answer]):
         send: Callable[[list[Item]], Awaitable[list[Answer]]],
         *,
         max_batch_size: int,
-        slots: int,
+        slots: int = 1,
         max_queue_s: float,
     ) -> None:
         """`send` answers a batch, one answer per item in order; it should not raise (an

@@ -96,7 +96,7 @@ class Resources(_Strict):
 
 
 class DeploymentConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Route prefix: /{name}/predict.")
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Route prefix: /{name}/predict; the file name.")
     backend: str | None = Field(None, description="`module:Class` to use instead of the deployment's own backend.")
     model: ModelSource
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -237,3 +237,15 @@ def _describe(path: Path, exc: ValidationError) -> str:
     got = first.get("input")
     shown = "" if first["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
     return f"{path}: {'.'.join(loc) or '(top level)'}: {first['msg']}{shown}"
+
+
+def check_config_dir(served: list[str]) -> None:
+    """Stop start-up (`SystemExit`) unless the active config set configures some deployment and
+    every file in it is read: an unread file is most likely a typo in its name."""
+    folder = config_dir()
+    read = {f"{name}.yaml" for name in served} | {SERVER_CONFIG_FILE}
+    unused = sorted(path.name for path in folder.glob("*.yaml") if path.name not in read)
+    if unused:
+        raise SystemExit(f"sheaf: config error: {folder}: no service module reads {', '.join(unused)}")
+    if not served:
+        raise SystemExit(f"sheaf: config error: {folder}: no deployment configs (*.yaml) there")

@@ -12,7 +12,7 @@
   stream with an `error` event. Streams never use the cache.
 - `ready()`: whether the model has loaded.
 
-Nothing here knows BentoML; `sheaf.service` wraps it into a BentoML service.
+Nothing here knows BentoML; `sheaf.service` serves it, batching its predicts.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -109,11 +110,12 @@ class Deployment:
         answered = [_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o]
         for request, outcome in zip(requests, answered, strict=True):
             logger.info(
-                "%s predict request_id=%s status=%d batch=%d",
+                "%s predict request_id=%s status=%d batch=%d worker=%d",
                 self.config.name,
                 request.request_id,
                 outcome["status"],
                 len(batch),
+                os.getpid(),  # which replica: each batches what it receives
             )
         return answered
 

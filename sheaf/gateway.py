@@ -1,19 +1,20 @@
-"""The entry service's routes: every deployment behind one host and port, per the wire contract.
+"""The entry service's side of each deployment, per the wire contract: it routes, admits,
+enforces deadlines and relays; the deployment's own process batches (`sheaf.service`).
 
-For each deployment the gateway declares a `bentoml.depends` (BentoML runs it and says
-where it listens; `sheaf.upstream` calls it) and serves
+`bentos/gateway.py` declares the routes; each hands its call to the deployment's `Lane`:
 
-- `POST /{name}/predict`: one request, merged with concurrent ones into one call of the
-  deployment's `predict_batch` (`sheaf.batching`);
+- `POST /{name}/predict`: one request, sent to the deployment's `predict`;
 - `POST /{name}/stream`: the deployment's SSE frames, relayed whole as they arrive;
-- `POST /{name}/batch`: a list of requests the caller batched itself, answered with one
-  `{"status", "body"}` outcome per request, in order;
+- `POST /{name}/batch`: a list of requests the caller batched itself, each item validated
+  on its own (`BatchItem`), answered with one `{"status", "body"}` outcome per request;
 - `GET /{name}/health` and `GET /{name}/ready`: probes (BentoML APIs are POST only, so
-  these live in a small mounted app).
+  these live in a small mounted app, `probes`).
 
-BentoML answers a body that fails validation with 400; `ValidationErrorsAs422` gives the
-contract's 422 `{"detail": [...]}` instead.
+The contract's middlewares (`contract_middlewares`) turn BentoML's 400 for an invalid body
+into the contract's 422, oversized bodies into 413, and unknown deployments into a 404.
 """
+
+from __future__ import annotations
 
 import asyncio
 import json
@@ -22,9 +23,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, TypeVar, cast
 
 import bentoml
 from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
@@ -34,14 +35,12 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from sheaf import auth, shutdown, slow_clients, upstream
-from sheaf.api.base import BaseRequest
-from sheaf.batching import Batcher, QueueFull
+from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limits, config_dir, load_server_config
 from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
 from sheaf.outcomes import Outcome, error_outcome
 from sheaf.request_bodies import RequestBodies
-from sheaf.service import typed
 from sheaf.streaming import ACCEPTED, HEARTBEAT, FrameRelay, encode_event, error_event
 from sheaf.unknown_deployments import UnknownDeployments
 from sheaf.validation_errors import ValidationErrorsAs422
@@ -49,164 +48,142 @@ from sheaf.validation_errors import ValidationErrorsAs422
 logger = logging.getLogger("sheaf.gateway")
 
 
-def gateway_routes(*deployments: bentoml.Service[Any] | None) -> type:
-    """A base class for the entry service: each deployment as a dependency, with its routes.
+class Gateway:
+    """The base of the entry service: one `Lane` per deployment it serves, and a log line once
+    they are all ready. `bentos/gateway.py` declares the routes, each handing its call to a lane."""
 
-    BentoML finds the entry service by name in the module that `bentoml serve` imports, so
-    it is declared there, then given the rest of the contract by `serve_contract`::
+    deployments: ClassVar[list[bentoml.Service[Any]]]
+    """The deployments served, which the routes' `bentoml.depends` declare."""
 
-        @bentoml.service(name="sheaf")
-        class Sheaf(gateway_routes(textgen.TextGen)): ...
+    def __init__(self) -> None:
+        show_sheaf_logs()
+        self.lanes = {deployment.name: Lane(deployment) for deployment in self.deployments}
 
-        serve_contract(Sheaf)
-    """
-    served = {service.name: service for service in deployments if service is not None}  # None: not configured
-
-    async def announce_when_ready(self: Any) -> None:
-        self.announcing = asyncio.ensure_future(_announce_when_ready(served))
-
-    members: dict[str, Any] = {
-        "__init__": lambda self: show_sheaf_logs(),
-        "announce_when_ready": bentoml.on_startup(announce_when_ready),
-    }
-    for service in served.values():
-        members[service.name] = bentoml.depends(service)
-        members.update(_routes(service))
-    return type("GatewayRoutes", (), members)
+    @bentoml.on_startup  # type: ignore[untyped-decorator]
+    async def announce_when_ready(self) -> None:
+        self.announcing = asyncio.ensure_future(_announce_when_ready(self.deployments))
 
 
-async def _announce_when_ready(deployments: dict[str, bentoml.Service[Any]]) -> None:
+async def _announce_when_ready(deployments: list[bentoml.Service[Any]]) -> None:
     """One log line once every deployment has loaded, with the URLs to use."""
     while not await all_ready(deployments):
         await asyncio.sleep(0.5)
     base = _listening_url()
-    routes = ", ".join(f"{base}/{name}/predict" for name in deployments)
+    routes = ", ".join(f"{base}/{deployment.name}/predict" for deployment in deployments)
     logger.info("sheaf: every deployment is ready; Swagger at %s/ ; predict at %s", base, routes)
 
 
-def serve_contract(gateway: bentoml.Service[Any]) -> None:
-    """Add the rest of the contract to the entry service: the GET probes, the API key, bounds on slow
-    clients and on shutdown, the 404 for unknown deployments, the 413 for oversized bodies and the 422
-    for invalid ones."""
-    deployments = {name: dependency.on for name, dependency in gateway.dependencies.items()}
-    gateway.mount_asgi_app(_probes(deployments), path="/", name="probes")
-    # The entry service's own settings (sheaf.yaml); an error stops `bentoml serve` at import, before any worker.
+def contract_middlewares(deployments: list[bentoml.Service[Any]]) -> list[tuple[type, dict[str, Any]]]:
+    """The entry service's ASGI middlewares, outermost first: shutdown bounds, the API key, the 404
+    for unknown deployments, the 413 for oversized bodies and the 422 for invalid ones. Also sets
+    the deadlines on slow clients' headers and bodies, for the uvicorn server this worker starts next.
+
+    Its settings come from `sheaf.yaml`: an error stops `bentoml serve` at import, before any worker."""
     folder = config_dir()
     try:
         server = load_server_config(folder)
         key = auth.api_key(server.auth, str(folder / SERVER_CONFIG_FILE))
     except ConfigError as exc:
         raise SystemExit(f"sheaf: config error: {exc}") from None
-    # Outermost first: a SIGTERM bounds every request; a caller without the key gets nothing else to run.
-    gateway.add_asgi_middleware(shutdown.Drain, grace_s=server.shutdown_grace_s)
-    if key is not None:
-        gateway.add_asgi_middleware(auth.APIKey, key=key, open_paths=auth.open_paths(server.auth, deployments))
-    # Deadlines on each request's headers and body, for the uvicorn server this worker starts next.
     slow_clients.install(server.client_timeouts.headers_s, server.client_timeouts.body_s)
-    gateway.add_asgi_middleware(ValidationErrorsAs422)
-    gateway.add_asgi_middleware(UnknownDeployments, deployments=list(deployments))
+    names = [deployment.name for deployment in deployments]
     limits = {
-        f"/{name}/{route}": int(service.inner.deployment_config.max_body_mb * 1024 * 1024)
-        for name, service in deployments.items()
+        f"/{deployment.name}/{route}": int(_config(deployment).max_body_mb * 1024 * 1024)
+        for deployment in deployments
         for route in ("predict", "stream", "batch")
     }
-    gateway.add_asgi_middleware(RequestBodies, limits=limits)
+    # A SIGTERM bounds every request; a caller without the key gets nothing else to run.
+    middlewares: list[tuple[type, dict[str, Any]]] = [(shutdown.Drain, {"grace_s": server.shutdown_grace_s})]
+    if key is not None:
+        middlewares.append((auth.APIKey, {"key": key, "open_paths": auth.open_paths(server.auth, names)}))
+    middlewares += [
+        (ValidationErrorsAs422, {}),
+        (UnknownDeployments, {"deployments": names}),
+        (RequestBodies, {"limits": limits}),
+    ]
+    return middlewares
 
 
-def _api(name: str, route: str, func: Any) -> Any:
-    func.__name__ = func.__qualname__ = name
-    return bentoml.api(route=route)(func)
+def _config(deployment: bentoml.Service[Any]) -> DeploymentConfig:
+    config: DeploymentConfig | None = deployment.inner.deployment_config
+    if config is None:
+        raise RuntimeError(f"deployment {deployment.name} is not configured")
+    return config
 
 
-def _routes(deployment: bentoml.Service[Any]) -> dict[str, Any]:
-    name = deployment.name
-    request_model: type[BaseRequest[Any]] = deployment.inner.request_model
-    config: DeploymentConfig = deployment.inner.deployment_config
-    gate = Gate(config.limits)
-    limit = config.batching.max_batch_size
+class Lane:
+    """The entry service's side of one deployment: admission, the request's deadline, the call
+    to the deployment's process (which batches), and the relay of its streams."""
 
-    async def send(requests: list[BaseRequest[Any]]) -> list[Outcome]:
-        """The deployment's outcomes, or one shared outcome when the gateway answers for it."""
-        budget = config.timeout_for(*(request.timeout_s for request in requests))
-        deadline = time.monotonic() + budget
-        for attempt in (1, 2):
-            try:
-                return await upstream.predict_batch(deployment, requests, deadline - time.monotonic())
-            except TimeoutError:
-                return [_past_deadline(budget)] * len(requests)
-            except Exception as exc:  # the deployment refused, or a pooled connection to it broke
-                status = getattr(exc, "status", None)
-                logger.warning("%s predict failed upstream: %s: %s", name, type(exc).__name__, exc)
-                if status is None and attempt == 1:
-                    continue  # predicts are safe to send again
-                return [error_outcome(status or 502, f"deployment {name}: {exc}")] * len(requests)
-        raise AssertionError("unreachable")
+    def __init__(self, deployment: bentoml.Service[Any]) -> None:
+        self.deployment = deployment
+        self.name = deployment.name
+        self.config = _config(deployment)
+        self.gate = Gate(self.config.limits)
 
-    queue_s = config.batching.max_queue_ms / 1000
-    batcher = Batcher(send, max_batch_size=limit, slots=config.workers, max_queue_s=queue_s) if limit > 1 else None
+    async def predict(self, request: BaseRequest[ResponseT], ctx: bentoml.Context) -> ResponseT:
+        # The answer is always a JSONResponse, which BentoML sends as it is; the route's return
+        # annotation (the response model) is there for the schema.
+        return cast(ResponseT, await self._predict(request, ctx))
 
-    async def forward(requests: list[BaseRequest[Any]]) -> list[Outcome]:
-        """`requests` answered together, in one batch with other callers' when batching is on."""
-        if batcher is None:
-            return await send(requests)
-        budget = config.timeout_for(*(request.timeout_s for request in requests))
-        try:
-            return await asyncio.wait_for(batcher.submit(requests), budget)
-        except TimeoutError:
-            return [_past_deadline(budget)] * len(requests)
-        except QueueFull as exc:
-            retry = config.limits.retry_after_s
-            return [error_outcome(503, f"deployment {name} is busy: {exc}; retry after {retry} s")] * len(requests)
-
-    @typed(request=request_model, **{"return": request_model.response_model})
-    async def predict(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> Any:
-        with gate.predicts(1) as admitted:
+    async def _predict(self, request: BaseRequest[Any], ctx: bentoml.Context) -> JSONResponse:
+        with self.gate.predicts(1) as admitted:
             if not admitted:
-                return _response(ctx, gate.full("predict requests"), config)
+                return _response(ctx, self.gate.full("predict requests"), self.config)
             try:
-                (outcome,) = await unless_disconnected(ctx.request, forward([request]))
-            except ClientGone:  # nobody reads the answer; leaving cancels the batch once all its callers left
-                return _response(ctx, error_outcome(499, "the client closed the connection"), config)
-        return _response(ctx, outcome, config)
+                (outcome,) = await unless_disconnected(ctx.request, self._send([request]))
+            except ClientGone:  # nobody reads the answer; leaving closes the call to the deployment
+                return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
+        return _response(ctx, outcome, self.config)
 
-    @typed(request=request_model)
-    async def stream(self: Any, request: BaseRequest[Any], /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
-        with gate.stream() as admitted:
-            if not admitted:
-                full = gate.full("streams")
-                yield _http_error(ctx, full["status"], full["body"], config)
-                return
-            frames = upstream.stream(deployment, request)
-            async for chunk in _relay(frames, ctx, config, config.timeout_for(request.timeout_s)):
-                yield chunk
+    async def batch(self, requests: Sequence[BaseRequest[Any] | InvalidItem], ctx: bentoml.Context) -> list[Outcome]:
+        return cast(list[Outcome], await self._batch(requests, ctx))  # a list, or a JSONResponse for a refusal
 
-    # Each item is validated on its own: an invalid one is its own 422 outcome, not the call's.
-    item = Annotated[request_model, WrapValidator(_invalid_item_kept)]  # type: ignore[valid-type]
-
-    @typed(requests=list[item])
-    async def batch(self: Any, requests: list[BaseRequest[Any] | InvalidItem], /, ctx: bentoml.Context) -> Any:
+    async def _batch(self, requests: Sequence[BaseRequest[Any] | InvalidItem], ctx: bentoml.Context) -> Any:
+        limit = self.config.batching.max_batch_size
         if len(requests) > limit:
             problem = f"at most {limit} requests per call (this deployment's max_batch_size), got {len(requests)}"
             too_long = [{"loc": ["body"], "msg": problem, "type": "too_long"}]
-            return _response(ctx, error_outcome(422, too_long), config)
+            return _response(ctx, error_outcome(422, too_long), self.config)
         outcomes: list[Outcome | None] = [r.outcome() if isinstance(r, InvalidItem) else None for r in requests]
         valid = [r for r in requests if not isinstance(r, InvalidItem)]
         if not valid:
             return outcomes
-        with gate.predicts(len(valid)) as admitted:
+        with self.gate.predicts(len(valid)) as admitted:
             if not admitted:
-                return _response(ctx, gate.full("predict requests"), config)
+                return _response(ctx, self.gate.full("predict requests"), self.config)
             try:
-                answers = iter(await unless_disconnected(ctx.request, forward(valid)))
+                answers = iter(await unless_disconnected(ctx.request, self._send(valid)))
             except ClientGone:
-                return _response(ctx, error_outcome(499, "the client closed the connection"), config)
+                return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
         return [outcome or next(answers) for outcome in outcomes]
 
-    return {
-        f"{name}_predict": _api(f"{name}_predict", f"/{name}/predict", predict),
-        f"{name}_stream": _api(f"{name}_stream", f"/{name}/stream", stream),
-        f"{name}_batch": _api(f"{name}_batch", f"/{name}/batch", batch),
-    }
+    async def _send(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        """The deployment's outcomes, or one shared outcome when the entry service answers for it."""
+        budget = self.config.timeout_for(*(request.timeout_s for request in requests))
+        deadline = time.monotonic() + budget
+        for attempt in (1, 2):
+            try:
+                return await upstream.predict(self.deployment, requests, deadline - time.monotonic())
+            except TimeoutError:
+                return [error_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
+            except Exception as exc:  # the deployment refused, or a pooled connection to it broke
+                status = getattr(exc, "status", None)
+                logger.warning("%s predict failed upstream: %s: %s", self.name, type(exc).__name__, exc)
+                if status is None and attempt == 1:
+                    continue  # predicts are safe to send again
+                return [error_outcome(status or 502, f"deployment {self.name}: {exc}")] * len(requests)
+        raise AssertionError("unreachable")
+
+    async def stream(self, request: BaseRequest[Any], ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        with self.gate.stream() as admitted:
+            if not admitted:
+                full = self.gate.full("streams")
+                yield _http_error(ctx, full["status"], full["body"], self.config)
+                return
+            frames = upstream.stream(self.deployment, request)
+            async for chunk in _relay(frames, ctx, self.config, self.config.timeout_for(request.timeout_s)):
+                yield chunk
 
 
 class Gate:
@@ -262,8 +239,9 @@ def _invalid_item_kept(value: Any, handler: ValidatorFunctionWrapHandler) -> Any
         return InvalidItem(exc)
 
 
-def _past_deadline(budget: float) -> Outcome:
-    return error_outcome(504, f"no answer within the deadline of {budget:g} s")
+RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
+BatchItem = Annotated[RequestT, WrapValidator(_invalid_item_kept)]
+"""A `/batch` item: validated on its own, so that an invalid one is its own 422 outcome, not the call's."""
 
 
 def _response(ctx: bentoml.Context, outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
@@ -381,9 +359,11 @@ def _listening_url() -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
-def _probes(deployments: dict[str, bentoml.Service[Any]]) -> Starlette:
+def probes(served: list[bentoml.Service[Any]]) -> Starlette:
     """GET routes: each deployment's probes, `/docs` (Swagger is BentoML's index page), and a JSON
     404 naming the deployments for a route of one that does not exist."""
+
+    deployments = {deployment.name: deployment for deployment in served}
 
     async def health(request: Request) -> JSONResponse:
         # Liveness of the deployment's process: it answers, loaded or not, within a short timeout.
@@ -418,7 +398,7 @@ async def _readiness(name: str, deployment: bentoml.Service[Any]) -> Outcome:
         return error_outcome(503, f"deployment {name} unreachable: {type(exc).__name__}")
 
 
-async def all_ready(deployments: dict[str, bentoml.Service[Any]]) -> bool:
-    """Whether every deployment has loaded its model: the entry service's own `/readyz`."""
-    outcomes = await asyncio.gather(*(_readiness(name, d) for name, d in deployments.items()))
+async def all_ready(deployments: list[bentoml.Service[Any]]) -> bool:
+    """Whether every deployment has loaded its model."""
+    outcomes = await asyncio.gather(*(_readiness(d.name, d) for d in deployments))
     return all(outcome["status"] == 200 for outcome in outcomes)

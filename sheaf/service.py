@@ -1,106 +1,144 @@
-"""BentoML glue for one deployment: a `sheaf.deployment.Deployment` served as a BentoML service.
+"""The base of every deployment's BentoML service (`bentos/<name>.py`), and its settings.
 
-The service is internal: the gateway (`sheaf.gateway`) faces clients. It offers
-`predict_batch` (the batches that the gateway's `sheaf.batching` makes), `stream` (SSE
-frames) and `ready`. This module imports no model code: the backend is imported and loaded
-inside the worker.
+A deployment service holds the model. Its process batches the predicts it receives
+(`sheaf.batching`, one batch in the model at a time), so that N replicas of it batch
+independently; the entry service (`sheaf.gateway`) only routes and relays. A service file
+declares the typed APIs and hands each call to the helpers here:
+
+    CONFIG = deployment_config("flux", FluxOptions)
+
+    @bentoml.service(**service_settings(CONFIG))
+    class Flux(DeploymentService):
+        deployment_config = CONFIG
+        backend = "sheaf.backends.flux:FluxBackend"
+
+        @bentoml.api
+        async def predict(self, request: DiffusionRequest) -> Annotated[Outcome, JSON]:
+            return await self.answer_one(request)
+
+This module imports no model code: the backend is imported and loaded inside the worker.
 """
 
-from collections.abc import AsyncGenerator, Callable
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar
 
 import bentoml
 from bentoml.validators import ContentType
 from pydantic import BaseModel
 
 from sheaf.api.base import BaseRequest
-from sheaf.config import config_dir, load_config
+from sheaf.batching import Batcher, QueueFull
+from sheaf.config import ConfigError, DeploymentConfig, config_dir, load_config
 from sheaf.deployment import Deployment
-from sheaf.disconnects import cancel_on_disconnect
+from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
-from sheaf.outcomes import Outcome
+from sheaf.outcomes import Outcome, error_outcome
 
-F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_MARGIN_S = 30.0
 # Named, so that BentoML does not build the output's JSON schema on every response to learn it.
 JSON = ContentType("application/json")
+# Any instance reads the request in flight (BentoML keeps it in a context variable).
+_context = bentoml.Context()
 
 
-def deployment_service(
-    config_name: str,
-    *,
-    request_model: type[BaseRequest[Any]],
-    backend: str,
-    options: type[BaseModel] | None = None,
-) -> bentoml.Service[Any] | None:
-    """The BentoML service for `<config dir>/<config_name>.yaml`, or None when that file is absent.
+def deployment_config(name: str, options: type[BaseModel] | None = None) -> DeploymentConfig | None:
+    """`<config dir>/<name>.yaml`, validated (its `options:` too), or None when that file is absent
+    (the deployment is not served then). A bad file stops start-up with its one-line message."""
+    try:
+        path = config_dir() / f"{name}.yaml"
+        config = load_config(path, options) if path.exists() else None
+    except ConfigError as exc:
+        raise SystemExit(f"sheaf: config error: {exc}") from None
+    if config is not None and config.name != name:  # the routes are this service's: /{name}/...
+        raise SystemExit(f"sheaf: config error: {path}: name: must be {name!r}, the deployment it configures")
+    return config
 
-    The config, `options` included, is validated here, at start-up (`ConfigError`). `backend`
-    is an import string (`module:Class`), imported only inside the worker process, so that
-    importing the service module stays cheap (no torch).
-    """
-    path = config_dir() / f"{config_name}.yaml"
-    if not path.exists():
-        return None
-    config = load_config(path, options)
-    request_model_ = request_model
 
-    class Service:
-        request_model = request_model_
-        deployment_config = config
-        config_path = path
-
-        def __init__(self) -> None:
-            show_sheaf_logs()
-            self.deployment = Deployment(config, backend)
-            self.deployment.start()
-
-        @bentoml.api
-        @typed(requests=list[request_model])  # type: ignore[valid-type]
-        async def predict_batch(
-            self, requests: list[BaseRequest[Any]], ctx: bentoml.Context
-        ) -> Annotated[list[Outcome], JSON]:
-            # The entry service closes the connection once every caller of the batch has gone.
-            async with cancel_on_disconnect(ctx.request) as cancel:
-                return await self.deployment.predict(requests, cancel)
-
-        @bentoml.api
-        @typed(request=request_model)
-        async def stream(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:
-            async with aclosing(self.deployment.stream(request)) as frames:
-                async for frame in frames:
-                    yield frame
-
-        @bentoml.api
-        async def ready(self) -> Annotated[Outcome, JSON]:
-            return self.deployment.ready()
-
-        def __is_ready__(self) -> bool:
-            """BentoML's `/readyz` (and the entry service's, which asks its dependencies): the model is in."""
-            return self.deployment.loaded.is_set()
-
-    Service.__name__ = Service.__qualname__ = f"{config.name.title()}Service"
-    resources = config.resources.model_dump(exclude_none=True)
-    return bentoml.service(
-        name=config.name,
-        workers=config.workers,
-        resources=resources,
+def service_settings(config: DeploymentConfig | None) -> dict[str, Any]:
+    """`@bentoml.service(...)` arguments for a deployment."""
+    if config is None:  # declared, never served
+        return {}
+    return {
+        "name": config.name,
+        "workers": config.workers,
+        "resources": config.resources.model_dump(exclude_none=True),
         # Past the deadlines that sheaf enforces itself (504), so that BentoML's never cuts in first.
-        traffic={"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
-        # The gateway logs and counts each request; doing it again per hop costs CPU and says
+        "traffic": {"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
+        # The entry service logs and counts each request; doing it again per hop costs CPU and says
         # nothing new. (sheaf's own series, `sheaf.metrics`, are recorded here all the same.)
-        logging={"access": {"enabled": False}},
-        metrics={"enabled": False},
-    )(Service)
+        "logging": {"access": {"enabled": False}},
+        "metrics": {"enabled": False},
+    }
 
 
-def typed(**annotations: Any) -> Callable[[F], F]:
-    """Give an API method its deployment's request type, which BentoML reads from the
-    annotations to validate bodies and write the schema (a type only known at run time)."""
+class DeploymentService:
+    """What every deployment service does around its backend: load it, batch its predicts, stream."""
 
-    def annotate(func: F) -> F:
-        func.__annotations__.update(annotations)
-        return func
+    deployment_config: ClassVar[DeploymentConfig | None]
+    """None when the deployment is not configured, and so not served."""
+    backend: ClassVar[str]
+    """The backend class as an import string (`module:Class`), imported only in the worker."""
 
-    return annotate
+    def __init__(self) -> None:
+        show_sheaf_logs()
+        config = self.deployment_config
+        if config is None:
+            raise RuntimeError(f"{type(self).__name__} has no config: it should not be served")
+        self.deployment = Deployment(config, self.backend)
+        self.deployment.start()
+        self.batcher: Batcher[BaseRequest[Any], Outcome] = Batcher(
+            self._run_batch,
+            max_batch_size=config.batching.max_batch_size,
+            max_queue_s=config.batching.max_queue_ms / 1000,
+        )
+
+    async def answer_one(self, request: BaseRequest[Any]) -> Outcome:
+        (outcome,) = await self.answer([request])
+        return outcome
+
+    async def answer(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
+        """One outcome per request, in order, from one model call shared with other callers'
+        requests; a list stays whole. A caller that leaves is never sent, or, once sent, stops
+        the model call when it was the last one waiting on it."""
+        config = self.deployment.config
+        if len(requests) > config.batching.max_batch_size:
+            limit = config.batching.max_batch_size
+            return [error_outcome(422, f"at most {limit} requests per call, got {len(requests)}")] * len(requests)
+        try:
+            return await unless_disconnected(_context.request, self.batcher.submit(list(requests)))
+        except QueueFull as exc:
+            retry = config.limits.retry_after_s
+            busy = error_outcome(503, f"deployment {config.name} is busy: {exc}; retry after {retry} s")
+            return [busy] * len(requests)
+        except ClientGone:  # nobody reads the answer
+            return [error_outcome(499, "the client closed the connection")] * len(requests)
+
+    async def _run_batch(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
+        cancel = threading.Event()
+        work = asyncio.ensure_future(self.deployment.predict(requests, cancel))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Every caller has gone: the model stops, and the next batch starts only once it has.
+            cancel.set()
+            await work
+            raise
+
+    async def frames(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:
+        """The request's SSE frames as the backend yields events."""
+        async with aclosing(self.deployment.stream(request)) as frames:
+            async for frame in frames:
+                yield frame
+
+    @bentoml.api
+    async def ready(self) -> Annotated[Outcome, JSON]:
+        return self.deployment.ready()
+
+    def __is_ready__(self) -> bool:
+        """BentoML's `/readyz` (and the entry service's, which asks its dependencies): the model is in."""
+        return self.deployment.loaded.is_set()

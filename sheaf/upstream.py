@@ -3,7 +3,7 @@
 `bentoml.depends` still declares the deployments (BentoML starts them and says where they
 listen), but the calls go through these clients:
 
-- predicts and readiness: aiohttp, with the batch encoded once by pydantic. BentoML's
+- predicts and readiness: aiohttp, with the requests encoded once by pydantic. BentoML's
   dependency proxy re-encodes every request through its own serde layers, which cost more
   than the HTTP, and it renews its connection pool every 100 calls by closing the old one,
   breaking the calls in flight on it.
@@ -79,13 +79,19 @@ async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout
         return await response.json(content_type=None)
 
 
-async def predict_batch(
-    deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float
-) -> list[Outcome]:
-    """The deployment's `predict_batch` outcomes for `requests`, in order."""
+async def predict(deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float) -> list[Outcome]:
+    """The deployment's outcomes for `requests`, in order: one request goes to its `predict`,
+    several (a `/batch` call) to its `batch`, which keeps them in one model call."""
+    if len(requests) == 1:
+        outcome: Outcome = await _call(deployment, "predict", _body("request", requests[0]), timeout_s)
+        return [outcome]
     body = b'{"requests":[' + b",".join(request.model_dump_json().encode() for request in requests) + b"]}"
-    outcomes: list[Outcome] = await _call(deployment, "predict_batch", body, timeout_s)
+    outcomes: list[Outcome] = await _call(deployment, "batch", body, timeout_s)
     return outcomes
+
+
+def _body(field: str, request: BaseModel) -> bytes:
+    return b'{"' + field.encode() + b'":' + request.model_dump_json().encode() + b"}"
 
 
 async def ready(deployment: bentoml.Service[Any]) -> Outcome:
@@ -111,8 +117,7 @@ async def stream(deployment: bentoml.Service[Any], request: BaseModel) -> AsyncG
         client = _stream_clients[deployment.name] = httpx.AsyncClient(
             transport=transport, base_url=base, timeout=timeout
         )
-    body = b'{"request":' + request.model_dump_json().encode() + b"}"
-    async with client.stream("POST", "/stream", content=body, headers=JSON_HEADERS) as response:
+    async with client.stream("POST", "/stream", content=_body("request", request), headers=JSON_HEADERS) as response:
         response.raise_for_status()
         async for text in response.aiter_text():
             yield text

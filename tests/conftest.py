@@ -74,7 +74,8 @@ def serve(
     cwd: Path = ROOT,
     headers: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Run `bentoml serve` on `target` until every deployment in `ready` answers ready.
+    """Run `bentoml serve` on `target` until every deployment in `ready` answers ready (none: until
+    BentoML's `/readyz` does, for a service served alone).
 
     `config_dir` None serves the default config set. BentoML's home goes beside the log,
     unless `env` names one. `headers` go with the readiness polls (an API key).
@@ -103,7 +104,8 @@ def serve(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
             try:
-                answers = [httpx.get(f"{server.url}/{name}/ready", headers=headers, timeout=2) for name in ready]
+                probes = [f"/{name}/ready" for name in ready] or ["/readyz"]  # a deployment served alone: BentoML's
+                answers = [httpx.get(f"{server.url}{path}", headers=headers, timeout=2) for path in probes]
             except httpx.TransportError:
                 answers = []
             if answers and all(answer.status_code == 200 for answer in answers):

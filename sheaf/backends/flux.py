@@ -25,7 +25,6 @@ import base64
 import io
 import logging
 import math
-import queue
 import re
 import secrets
 import threading
@@ -42,7 +41,16 @@ from PIL import Image
 
 from sheaf.api.diffusion import MAX_ADAPTER_WEIGHT, DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
-from sheaf.backends.base import ADMITTED, Admitted, Backend, Cancelled, elapsed_ms, torch_device
+from sheaf.backends.base import (
+    ADMITTED,
+    Admitted,
+    BatchBackend,
+    Cancelled,
+    StreamThread,
+    elapsed_ms,
+    loaded,
+    torch_device,
+)
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -105,7 +113,7 @@ StepCallback = Callable[[int, torch.Tensor], None]
 """Called after each denoising step with the 0-based step index and the packed latents."""
 
 
-class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
+class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
     options_model = FluxOptions
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -118,16 +126,12 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
 
     @property
     def pipe(self) -> Any:
-        if self._pipe is None:
-            raise RuntimeError("the pipeline is not loaded: call load() first")
-        return self._pipe
+        return loaded(self._pipe, "the pipeline")
 
     @property
     def adapters(self) -> AdapterLock:
         """The lock every use of the pipeline holds; it also applies each run's adapter selection."""
-        if self._adapters is None:
-            raise RuntimeError("the pipeline is not loaded: call load() first")
-        return self._adapters
+        return loaded(self._adapters, "the pipeline")
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -193,25 +197,17 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
                 )
         return tuple(sorted(zip(names, weights, strict=True)))
 
-    def predict_batch(
-        self, requests: Sequence[DiffusionRequest], cancel: threading.Event | None = None
-    ) -> list[DiffusionResponse | Exception]:
-        cancel = cancel or threading.Event()  # none given: never set
+    def predict(self, jobs: Sequence[_Job], cancel: threading.Event) -> list[DiffusionResponse | Exception]:
+        groups: dict[_GroupKey, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(index)
         outcomes: dict[int, DiffusionResponse | Exception] = {}
-        groups: dict[_GroupKey, list[tuple[int, _Job]]] = {}
-        for index, request in enumerate(requests):
-            try:
-                job = self._prepare(request)
-            except Exception as exc:  # InvalidRequest, or whatever else this one request hit: its own outcome
-                outcomes[index] = exc
-                continue
-            groups.setdefault(job.key, []).append((index, job))
         # Groups whose selection is active go first, then the rest by selection: the fewest adapter swaps.
         active = self.adapters.active
         for key, members in sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1])):
-            results = self._run_group(key, [job for _, job in members], cancel)
-            outcomes.update((index, result) for (index, _), result in zip(members, results, strict=True))
-        return [outcomes[index] for index in range(len(requests))]
+            results = self._run_group(key, [jobs[index] for index in members], cancel)
+            outcomes.update(zip(members, results, strict=True))
+        return [outcomes[index] for index in range(len(jobs))]
 
     def _run_group(
         self, key: _GroupKey, group: list[_Job], cancel: threading.Event
@@ -244,20 +240,15 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
         return [self._response(job, image, dict(metadata)) for job, image in zip(group, images, strict=True)]
 
     def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        job = self._prepare(request)  # raises InvalidRequest before any event
+        job = self.prepare(request)  # raises InvalidRequest before any event
         yield ADMITTED  # the adapter lock may keep it waiting: say at once that it is accepted
         run = _StreamRun(job)
         stop = _AnyEvent(cancel)  # also set by this generator when it is closed early
-        worker = threading.Thread(
-            target=self._stream_worker,
-            args=(run, stop),
-            name=f"sheaf-flux-stream-{request.request_id}",
-            daemon=True,
-        )
-        worker.start()
+        thread: StreamThread[ProgressEvent] = StreamThread(f"sheaf-flux-stream-{request.request_id}")
+        thread.start(lambda: self._stream_worker(run, stop, thread.put))
         closed = False
         try:
-            while (event := run.events.get()) is not None:  # each step's event as soon as the step ends
+            for event in thread.items():  # each step's event as soon as the step ends; then its failure, if any
                 if not cancel.is_set():  # else nobody listens any more: just wait for the thread to stop
                     yield event
         except GeneratorExit:
@@ -265,19 +256,17 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             raise
         finally:
             stop.set()
-            worker.join(_JOIN_TIMEOUT_S)
-            if closed and run.image is None and run.error is None:
+            thread.join(_JOIN_TIMEOUT_S)
+            if closed and run.image is None and thread.failure is None:
                 _log_cancelled(run)
-        if run.error is not None:
-            raise run.error
         if run.image is None:  # cancelled, while waiting for the lock or while denoising
             _log_cancelled(run)
             return
         metadata = {"batch_size": 1, "inference_ms": run.inference_ms, "adapters": dict(job.selection)}
         yield ResultEvent(response=self._response(job, run.image, metadata))
 
-    def _stream_worker(self, run: _StreamRun, stop: threading.Event) -> None:
-        """Body of a stream's pipeline thread; the consumer re-raises its failure in its own thread."""
+    def _stream_worker(self, run: _StreamRun, stop: threading.Event, put: Callable[[ProgressEvent], None]) -> None:
+        """Body of a stream's pipeline thread: each step's event goes to `put`, the image to `run`."""
         job = run.job
         shape = job.shape
         every = job.request.preview_every
@@ -288,7 +277,7 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
                 self.pipe._interrupt = True  # the pipeline skips every later step, and this run decodes nothing
                 return
             preview = self._preview(latents, shape) if every and run.steps % every == 0 else None
-            run.events.put(ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
+            put(ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
 
         try:
             with self.adapters.hold(job.selection, stop):
@@ -298,12 +287,8 @@ class FluxBackend(Backend[DiffusionRequest, DiffusionResponse]):
             run.image = images[0] if images else None
         except LockWaitCancelled:
             pass  # the consumer logs the cancellation
-        except BaseException as exc:  # not swallowed: the consumer re-raises it
-            run.error = exc
-        finally:
-            run.events.put(None)
 
-    def _prepare(self, request: DiffusionRequest) -> _Job:
+    def prepare(self, request: DiffusionRequest) -> _Job:
         pixels = request.height * request.width
         if pixels > self._options.max_pixels:
             raise InvalidRequest(
@@ -449,10 +434,8 @@ class _StreamRun:
 
     def __init__(self, job: _Job) -> None:
         self.job = job
-        self.events: queue.Queue[ProgressEvent | None] = queue.Queue()  # None: the thread has ended
         self.steps = 0  # denoising steps done
         self.image: Image.Image | None = None  # None until the run completes: a cancelled run has none
-        self.error: BaseException | None = None
         self.inference_ms = 0.0
 
 

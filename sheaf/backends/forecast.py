@@ -41,7 +41,7 @@ import torch
 from transformers import TimesFmModelForPrediction
 
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
-from sheaf.backends.base import Backend, Cancelled, elapsed_ms, torch_device
+from sheaf.backends.base import BatchBackend, Cancelled, elapsed_ms, loaded, torch_device
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import ForecastOptions
@@ -56,13 +56,17 @@ FREQUENCY_BUCKETS: dict[str, int] = {"1min": 0, "5min": 0, "15min": 0, "1h": 0, 
 MAX_ABS_VALUE = 1e30
 
 
+_Series = tuple[ForecastRequest, list[float]]
+"""A request that passed every check, with the values to forecast."""
+
+
 def _finite(response: ForecastResponse) -> bool:
     values = [*response.mean, *(v for vs in (response.quantiles or {}).values() for v in vs)]
     values += [v for path in response.samples or [] for v in path]
     return all(math.isfinite(value) for value in values)
 
 
-class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
+class ForecastBackend(BatchBackend[ForecastRequest, ForecastResponse, _Series]):
     options_model = ForecastOptions
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -73,9 +77,7 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
 
     @property
     def model(self) -> TimesFmModelForPrediction:
-        if self._model is None:
-            raise RuntimeError("the model is not loaded: call load() first")
-        return self._model
+        return loaded(self._model)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -100,33 +102,28 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(
-        self, requests: Sequence[ForecastRequest], cancel: threading.Event | None = None
-    ) -> list[ForecastResponse | Exception]:
-        cancel = cancel or threading.Event()  # none given: never set
-        prepared = [self._prepare(request) for request in requests]
-        rows = [item for item in prepared if isinstance(item, _Forecast)]
-        failure: Exception | None = None
-        metadata: dict[str, Any] = {"batch_size": len(rows)}
-        if rows:
-            started = time.perf_counter()
-            try:
-                metadata["model_calls"] = self._decode(rows, cancel)
-            except Cancelled:
-                raise
-            except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
-                logger.exception("forecast failed for a batch of %d", len(rows))
-                failure = exc
-            metadata["inference_ms"] = elapsed_ms(started)
-        return [self._outcome(item, failure, metadata) for item in prepared]
+    def prepare(self, request: ForecastRequest) -> _Series:
+        return request, self._series(request)
 
-    def _outcome(
-        self, item: _Forecast | Exception, failure: Exception | None, metadata: dict[str, Any]
-    ) -> ForecastResponse | Exception:
-        if isinstance(item, Exception):
-            return item
-        if failure is not None:
-            return failure
+    def predict(self, prepared: Sequence[_Series], cancel: threading.Event) -> list[ForecastResponse | Exception]:
+        context_length = int(self.model.config.context_length)
+        rows = [
+            _Forecast(request, series, context_length, FREQUENCY_BUCKETS[request.frequency])
+            for request, series in prepared
+        ]
+        metadata: dict[str, Any] = {"batch_size": len(rows)}
+        started = time.perf_counter()
+        try:
+            metadata["model_calls"] = self._decode(rows, cancel)
+        except Cancelled:
+            raise
+        except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
+            logger.exception("forecast failed for a batch of %d", len(rows))
+            return [exc] * len(rows)
+        metadata["inference_ms"] = elapsed_ms(started)
+        return [self._outcome(item, metadata) for item in rows]
+
+    def _outcome(self, item: _Forecast, metadata: dict[str, Any]) -> ForecastResponse | Exception:
         try:
             response = self._response(item, {**metadata, "history_used": item.history_used})
         except Exception as exc:  # one row's post-processing must not fail the rows beside it
@@ -135,14 +132,6 @@ class ForecastBackend(Backend[ForecastRequest, ForecastResponse]):
         if not _finite(response):  # JSON has no NaN: say why here rather than fail to encode the answer
             return InvalidRequest("history", "gives a forecast that is not finite (values too large or too spread)")
         return response
-
-    def _prepare(self, request: ForecastRequest) -> _Forecast | Exception:
-        try:
-            series = self._series(request)
-        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
-            return exc
-        context_length = int(self.model.config.context_length)
-        return _Forecast(request, series, context_length, FREQUENCY_BUCKETS[request.frequency])
 
     def _series(self, request: ForecastRequest) -> list[float]:
         """The values to forecast; InvalidRequest when this deployment cannot take the request."""

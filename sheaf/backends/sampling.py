@@ -9,7 +9,6 @@ and a stream also holds back what could be the start of a stop string until late
 from __future__ import annotations
 
 import logging
-import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -195,15 +194,15 @@ def _push(row: Decoding, token: int) -> bool:
 
 
 class TextStreamer(BaseStreamer):
-    """Runs in the generate thread: queues each newly settled piece of text for the consuming generator.
+    """Runs in the generate thread: hands each newly settled piece of text to `release`, for the consuming generator.
 
     Text is held back while it ends in an incomplete character or could be the start of a stop
-    string; the consumer sends the rest once the thread ends. None on the queue marks that end.
+    string; the consumer sends the rest once the thread ends.
     """
 
-    def __init__(self, decoding: Decoding) -> None:
-        self.queue: queue.Queue[str | BaseException | None] = queue.Queue()
+    def __init__(self, decoding: Decoding, release: Callable[[str], None]) -> None:
         self.released = ""
+        self._release = release
         self._decoding = decoding
         self._prompt_seen = False
 
@@ -216,10 +215,10 @@ class TextStreamer(BaseStreamer):
         if end > len(self.released) and text.startswith(self.released):
             piece = text[len(self.released) : end]
             self.released += piece
-            self.queue.put(piece)
+            self._release(piece)
 
     def end(self) -> None:
-        """Nothing to do: the thread running generate marks the end, failure included."""
+        """Nothing to do: whoever runs generate marks the end, failure included."""
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

@@ -38,7 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import Admitted, Backend, Cancelled, elapsed_ms, torch_device
+from sheaf.backends.base import Admitted, BatchBackend, Cancelled, StreamThread, elapsed_ms, loaded, torch_device
 from sheaf.backends.gguf import converted_gguf
 from sheaf.backends.sampling import Decoding, RowSampler, RowStopper, Sampling, TextStreamer
 from sheaf.config import DeploymentConfig
@@ -54,7 +54,7 @@ _JOIN_TIMEOUT_S = 30.0
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
-class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationResponse]):
+class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationResponse, Decoding]):
     options_model = TextGenerationOptions
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -68,15 +68,11 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
 
     @property
     def model(self) -> PreTrainedModel:
-        if self._model is None:
-            raise RuntimeError("the model is not loaded: call load() first")
-        return self._model
+        return loaded(self._model)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise RuntimeError("the tokenizer is not loaded: call load() first")
-        return self._tokenizer
+        return loaded(self._tokenizer, "the tokenizer")
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -124,59 +120,42 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(
-        self, requests: Sequence[TextGenerationRequest], cancel: threading.Event | None = None
-    ) -> list[TextGenerationResponse | Exception]:
-        cancel = cancel or threading.Event()  # none given: never set
-        prepared = [self._prepare(request) for request in requests]
-        rows = [item for item in prepared if isinstance(item, Decoding)]
+    def predict(self, rows: Sequence[Decoding], cancel: threading.Event) -> list[TextGenerationResponse | Exception]:
         failure: Exception | None = None
         metadata: dict[str, Any] = {"batch_size": len(rows)}
-        if rows:
-            started = time.perf_counter()
-            try:
-                self._generate(rows, cancel.is_set)  # `RowStopper` ends every row within a token of cancel
-            except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
-                logger.exception("generate failed for a batch of %d", len(rows))
-                failure = exc
-            metadata["inference_ms"] = elapsed_ms(started)
-            if cancel.is_set():  # rows cut short have no answer; whoever cancelled answers the batch
-                tokens = max(len(row.tokens) for row in rows)
-                logger.info("predict batch of %d cancelled after %d tokens", len(rows), tokens)
-                raise Cancelled(f"generation stopped after {tokens} tokens")
-        return [self._outcome(item, failure, metadata) for item in prepared]
+        started = time.perf_counter()
+        try:
+            self._generate(rows, cancel.is_set)  # `RowStopper` ends every row within a token of cancel
+        except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
+            logger.exception("generate failed for a batch of %d", len(rows))
+            failure = exc
+        metadata["inference_ms"] = elapsed_ms(started)
+        if cancel.is_set():  # rows cut short have no answer; whoever cancelled answers the batch
+            tokens = max(len(row.tokens) for row in rows)
+            logger.info("predict batch of %d cancelled after %d tokens", len(rows), tokens)
+            raise Cancelled(f"generation stopped after {tokens} tokens")
+        return [self._outcome(row, failure, metadata) for row in rows]
 
     def _outcome(
-        self, item: Decoding | Exception, failure: Exception | None, metadata: dict[str, Any]
+        self, row: Decoding, failure: Exception | None, metadata: dict[str, Any]
     ) -> TextGenerationResponse | Exception:
-        if isinstance(item, Exception):
-            return item
         if failure is not None:
             return failure
-        if item.failure is not None:
-            return item.failure
-        return self._response(item, item.text(), item.finish_reason or "length", dict(metadata))
+        if row.failure is not None:
+            return row.failure
+        return self._response(row, row.text(), row.finish_reason or "length", dict(metadata))
 
     def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        decoding = self._prepare(request)
-        if isinstance(decoding, Exception):
-            raise decoding
+        decoding = self.prepare(request)
         halt = threading.Event()  # stops generate when the consumer closes the stream early
-        streamer = TextStreamer(decoding)
+        thread: StreamThread[str] = StreamThread(f"sheaf-textgen-stream-{request.request_id}")
+        streamer = TextStreamer(decoding, thread.put)
         started = time.perf_counter()
-        worker = threading.Thread(
-            target=self._generate_streaming,
-            args=(decoding, streamer, lambda: cancel.is_set() or halt.is_set()),
-            name=f"sheaf-textgen-stream-{request.request_id}",
-            daemon=True,
-        )
-        worker.start()
+        thread.start(lambda: self._generate([decoding], lambda: cancel.is_set() or halt.is_set(), streamer))
         closed = False
         try:
             index = 0
-            while (piece := streamer.queue.get()) is not None:
-                if isinstance(piece, BaseException):
-                    raise piece
+            for piece in thread.items():  # each settled piece as generate makes it; then its failure, if any
                 yield TokenEvent(text=piece, index=index)
                 index += 1
             if decoding.failure is not None:  # this row's own sampling or decoding failed
@@ -191,7 +170,7 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             raise
         finally:
             halt.set()
-            worker.join(_JOIN_TIMEOUT_S)
+            thread.join(_JOIN_TIMEOUT_S)
             if closed and decoding.finish_reason is None:
                 _log_cancelled(decoding)
         finish_reason: FinishReason = decoding.finish_reason or "cancelled"
@@ -200,13 +179,10 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
         metadata = {"batch_size": 1, "inference_ms": elapsed_ms(started)}
         yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
 
-    def _prepare(self, request: TextGenerationRequest) -> Decoding | Exception:
-        """The request's row for generate, or the error that this one request hit: it stays its own outcome."""
-        try:
-            prompt_ids = self._encode(request)
-            sampling = Sampling.of(request)
-        except Exception as exc:  # InvalidRequest, or whatever else
-            return exc
+    def prepare(self, request: TextGenerationRequest) -> Decoding:
+        """The request's row for generate."""
+        prompt_ids = self._encode(request)
+        sampling = Sampling.of(request)
         return Decoding(self.tokenizer, request, prompt_ids, self._eos_ids, sampling)
 
     def _encode(self, request: TextGenerationRequest) -> list[int]:
@@ -272,15 +248,6 @@ class TextGenerationBackend(Backend[TextGenerationRequest, TextGenerationRespons
             stopping_criteria=StoppingCriteriaList([RowStopper(rows, halt)]),
             streamer=streamer,
         )
-
-    def _generate_streaming(self, decoding: Decoding, streamer: TextStreamer, halt: Callable[[], bool]) -> None:
-        """Body of a stream's generate thread: its failure goes to the consumer, which re-raises it."""
-        try:
-            self._generate([decoding], halt, streamer)
-        except BaseException as exc:  # not swallowed: the consumer re-raises it in its own thread
-            streamer.queue.put(exc)
-        finally:
-            streamer.queue.put(None)
 
     def _response(
         self, decoding: Decoding, text: str, finish_reason: FinishReason, metadata: dict[str, Any]

@@ -35,7 +35,7 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
 from sheaf.backends.audio import SAMPLE_RATE, Audio, decode_request_audio
-from sheaf.backends.base import ADMITTED, Admitted, Backend, Cancelled, elapsed_ms
+from sheaf.backends.base import ADMITTED, Admitted, BatchBackend, Cancelled, elapsed_ms, loaded
 from sheaf.backends.segments import Piece, cut_into_pieces, lay_out, renumbered, segments_by_piece, to_segment
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
@@ -76,7 +76,7 @@ class _Transcript:
     language_probability: float
 
 
-class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
+class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _Clip]):
     options_model = WhisperOptions
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -93,9 +93,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
 
     @property
     def model(self) -> WhisperModel:
-        if self._model is None:
-            raise RuntimeError("the model is not loaded: call load() first")
-        return self._model
+        return loaded(self._model)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -133,17 +131,10 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def predict_batch(
-        self, requests: Sequence[TranscriptionRequest], cancel: threading.Event | None = None
-    ) -> list[TranscriptionResponse | Exception]:
-        cancel = cancel or threading.Event()  # none given: never set
-        prepared = [self._prepare(request) for request in requests]
-        clips = [item for item in prepared if isinstance(item, _Clip)]
+    def predict(self, clips: Sequence[_Clip], cancel: threading.Event) -> list[TranscriptionResponse | Exception]:
         started = time.perf_counter()
         try:
-            if not clips:
-                results: list[_Transcript | Exception] = []
-            elif self._batched:
+            if self._batched:
                 results = self._transcribe_batched(clips, cancel)
             else:
                 results = [self._transcribe_one(clip, cancel) for clip in clips]
@@ -151,10 +142,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
             logger.info("predict batch of %d cancelled: %s", len(clips), exc)
             raise
         metadata = {"batch_size": len(clips), "inference_ms": elapsed_ms(started), "batched": self._batched}
-        outcomes = iter(results)
-        return [
-            item if isinstance(item, Exception) else self._outcome(item, next(outcomes), metadata) for item in prepared
-        ]
+        return [self._outcome(clip, result, metadata) for clip, result in zip(clips, results, strict=True)]
 
     def _outcome(
         self, clip: _Clip, result: _Transcript | Exception, metadata: dict[str, Any]
@@ -164,9 +152,7 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         return self._response(clip, result, {**metadata, "decode_ms": clip.decode_ms})
 
     def stream(self, request: TranscriptionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        clip = self._prepare(request)
-        if isinstance(clip, Exception):
-            raise clip
+        clip = self.prepare(request)
         language = self._language(request)
         yield ADMITTED  # the first window takes seconds to decode: say at once that it is accepted
         started = time.perf_counter()
@@ -206,13 +192,10 @@ class WhisperBackend(Backend[TranscriptionRequest, TranscriptionResponse]):
         transcript = _Transcript(streamed, info.language, float(info.language_probability))
         yield ResultEvent(response=self._response(clip, transcript, metadata))
 
-    def _prepare(self, request: TranscriptionRequest) -> _Clip | Exception:
-        try:
-            self._language(request)  # a bad language is refused before decoding any audio
-            started = time.perf_counter()
-            audio = decode_request_audio(request.audio_b64, self._options.max_audio_seconds)
-        except Exception as exc:  # InvalidRequest, or whatever else this one request hit: it stays its own outcome
-            return exc
+    def prepare(self, request: TranscriptionRequest) -> _Clip:
+        self._language(request)  # a bad language is refused before decoding any audio
+        started = time.perf_counter()
+        audio = decode_request_audio(request.audio_b64, self._options.max_audio_seconds)
         return _Clip(request, audio, elapsed_ms(started))
 
     def _language(self, request: TranscriptionRequest) -> str | None:

@@ -68,6 +68,11 @@ BROKEN = {
     ),
     "an unknown key": ("whisper.yaml", "model: {hub: x}\nworker: 2\n", "whisper.yaml: worker: Extra inputs"),
     "a file no module reads": ("textgn.yaml", "model: {hub: x}\n", "no service module reads textgn.yaml"),
+    "a name that is not its file's": (
+        "forecast.yaml",
+        "name: weather\nmodel: {hub: x}\n",
+        "forecast.yaml: name: must be 'forecast', the deployment it configures",
+    ),
 }
 
 

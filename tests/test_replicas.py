@@ -1,0 +1,60 @@
+"""Batching beside the model: two replicas of one deployment behind one address each form their
+own batches, and every request is answered once, by one of them."""
+
+import asyncio
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, serve
+
+REQUESTS = 192
+CONCURRENCY = 32
+LOGGED = re.compile(r"forecast predict request_id=(\S+) status=(\d+) batch=(\d+) worker=(\d+)")
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    configs = tmp_path_factory.mktemp("replicas")
+    (configs / "forecast.yaml").write_text(
+        'name: forecast\nmodel: {build: "tiny.timesfm:build_tiny_timesfm"}\nworkers: 2\nthreads: 1\n'
+        "batching: {max_batch_size: 16}\nlimits: {max_pending: 1024}\n"
+    )
+    env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
+    yield from serve(configs, configs / "server.log", env=env, ready=("forecast",))
+
+
+async def predict_all(url: str) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one(i: int) -> httpx.Response:
+            body = {"history": [float((i + t) % 24) for t in range(64)], "horizon": 8, "request_id": f"r-{i}"}
+            async with limit:
+                return await client.post("/forecast/predict", json=body)
+
+        return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+
+
+def test_each_replica_batches_what_it_receives_and_nothing_is_lost_or_answered_twice(two_replicas: Server) -> None:
+    responses = asyncio.run(predict_all(two_replicas.url))
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    assert [r.json()["request_id"] for r in responses] == [f"r-{i}" for i in range(REQUESTS)]
+
+    log = Path(two_replicas.log).read_text(errors="replace")
+    answered = [match.groups() for match in LOGGED.finditer(log)]
+    # The load's requests only (the readiness polls are not predicts): each answered once, by one replica.
+    ours = [(rid, int(batch), worker) for rid, status, batch, worker in answered if rid.startswith("r-")]
+    assert sorted(rid for rid, _, _ in ours) == sorted(f"r-{i}" for i in range(REQUESTS))
+    batches: dict[str, list[int]] = defaultdict(list)
+    for _, batch, worker in ours:
+        batches[worker].append(batch)
+    assert len(batches) == 2, f"one replica took all the load: {dict(batches)}"
+    for worker, sizes in batches.items():
+        assert max(sizes) > 1, f"replica {worker} never batched: {sizes}"
