@@ -20,6 +20,7 @@ SECONDS = 3.0  # per throughput point
 LOAD_SECONDS = 5.0  # per open-loop rate, at least
 LOAD_REQUESTS = 20  # per open-loop rate, at least (slow deployments get a longer step)
 LOAD_STEPS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # open-loop rates, as fractions of the closed-loop best
+KEEPALIVE_S = 3.0  # below the servers' keep-alive (uvicorn's 5 s)
 SLOWDOWN = 10  # an open-loop rate holds while p99 < SLOWDOWN x the unloaded p50
 
 
@@ -82,7 +83,9 @@ async def predicts(
     The body is encoded once: the load generator shares the cores with the server, so it
     spends as little of them as it can."""
     data, headers = json.dumps(body).encode(), {"content-type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=connections)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one just as
+    # the server closes it is a "Server disconnected" that no server did wrong.
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=KEEPALIVE_S)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(timeout_s)) as session:
 
         async def post() -> int:

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import bentoml
 
-from sheaf.api import DiffusionRequest
+from sheaf.api import DiffusionRequest, DiffusionResponse
 from sheaf.options import FluxOptions
 from sheaf.outcomes import Outcome
 from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
@@ -19,7 +19,7 @@ class Flux(DeploymentService):
     backend = "sheaf.backends.flux:FluxBackend"
 
     @bentoml.api
-    async def predict(self, request: DiffusionRequest) -> Annotated[Outcome, JSON]:
+    async def predict(self, request: DiffusionRequest) -> DiffusionResponse:
         return await self.answer_one(request)
 
     @bentoml.api

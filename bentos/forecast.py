@@ -5,7 +5,7 @@ from typing import Annotated
 
 import bentoml
 
-from sheaf.api import ForecastRequest
+from sheaf.api import ForecastRequest, ForecastResponse
 from sheaf.options import ForecastOptions
 from sheaf.outcomes import Outcome
 from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
@@ -19,7 +19,7 @@ class Forecast(DeploymentService):
     backend = "sheaf.backends.forecast:ForecastBackend"
 
     @bentoml.api
-    async def predict(self, request: ForecastRequest) -> Annotated[Outcome, JSON]:
+    async def predict(self, request: ForecastRequest) -> ForecastResponse:
         return await self.answer_one(request)
 
     @bentoml.api

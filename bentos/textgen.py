@@ -5,7 +5,7 @@ from typing import Annotated
 
 import bentoml
 
-from sheaf.api import TextGenerationRequest
+from sheaf.api import TextGenerationRequest, TextGenerationResponse
 from sheaf.options import TextGenerationOptions
 from sheaf.outcomes import Outcome
 from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
@@ -19,7 +19,7 @@ class TextGen(DeploymentService):
     backend = "sheaf.backends.textgen:TextGenerationBackend"
 
     @bentoml.api
-    async def predict(self, request: TextGenerationRequest) -> Annotated[Outcome, JSON]:
+    async def predict(self, request: TextGenerationRequest) -> TextGenerationResponse:
         return await self.answer_one(request)
 
     @bentoml.api

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import bentoml
 
-from sheaf.api import TranscriptionRequest
+from sheaf.api import TranscriptionRequest, TranscriptionResponse
 from sheaf.options import WhisperOptions
 from sheaf.outcomes import Outcome
 from sheaf.service import JSON, DeploymentService, deployment_config, service_settings
@@ -19,7 +19,7 @@ class Whisper(DeploymentService):
     backend = "sheaf.backends.whisper:WhisperBackend"
 
     @bentoml.api
-    async def predict(self, request: TranscriptionRequest) -> Annotated[Outcome, JSON]:
+    async def predict(self, request: TranscriptionRequest) -> TranscriptionResponse:
         return await self.answer_one(request)
 
     @bentoml.api

@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar, TypeVar, cast
 
@@ -31,7 +31,7 @@ import bentoml
 from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from sheaf import auth, shutdown, slow_clients, upstream
@@ -122,19 +122,27 @@ class Lane:
         self.gate = Gate(self.config.limits)
 
     async def predict(self, request: BaseRequest[ResponseT], ctx: bentoml.Context) -> ResponseT:
-        # The answer is always a JSONResponse, which BentoML sends as it is; the route's return
+        # The answer is always a Response, which BentoML sends as it is; the route's return
         # annotation (the response model) is there for the schema.
         return cast(ResponseT, await self._predict(request, ctx))
 
-    async def _predict(self, request: BaseRequest[Any], ctx: bentoml.Context) -> JSONResponse:
+    async def _predict(self, request: BaseRequest[Any], ctx: bentoml.Context) -> Response:
         with self.gate.predicts(1) as admitted:
             if not admitted:
                 return _response(ctx, self.gate.full("predict requests"), self.config)
+            budget = self.config.timeout_for(request.timeout_s)
             try:
-                (outcome,) = await unless_disconnected(ctx.request, self._send([request]))
+                answer = await unless_disconnected(
+                    ctx.request, self._upstream(budget, lambda left: upstream.predict(self.deployment, request, left))
+                )
             except ClientGone:  # nobody reads the answer; leaving closes the call to the deployment
                 return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
-        return _response(ctx, outcome, self.config)
+        if isinstance(answer, dict):  # the entry service answers for the deployment
+            return _response(ctx, answer, self.config)
+        # The deployment's answer, relayed as it came: its body is already the client's JSON.
+        ctx.response.status_code = answer.status
+        ctx.response.metadata.update(_retry_after(answer.status, self.config))
+        return Response(answer.body, media_type="application/json")
 
     async def batch(self, requests: Sequence[BaseRequest[Any] | InvalidItem], ctx: bentoml.Context) -> list[Outcome]:
         return cast(list[Outcome], await self._batch(requests, ctx))  # a list, or a JSONResponse for a refusal
@@ -152,27 +160,31 @@ class Lane:
         with self.gate.predicts(len(valid)) as admitted:
             if not admitted:
                 return _response(ctx, self.gate.full("predict requests"), self.config)
+            budget = self.config.timeout_for(*(request.timeout_s for request in valid))
             try:
-                answers = iter(await unless_disconnected(ctx.request, self._send(valid)))
+                answers = await unless_disconnected(
+                    ctx.request, self._upstream(budget, lambda left: upstream.batch(self.deployment, valid, left))
+                )
             except ClientGone:
                 return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
-        return [outcome or next(answers) for outcome in outcomes]
+        answered = iter([answers] * len(valid) if isinstance(answers, dict) else answers)
+        return [outcome or next(answered) for outcome in outcomes]
 
-    async def _send(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
-        """The deployment's outcomes, or one shared outcome when the entry service answers for it."""
-        budget = self.config.timeout_for(*(request.timeout_s for request in requests))
+    async def _upstream(self, budget: float, call: Callable[[float], Awaitable[T]]) -> T | Outcome:
+        """`call`'s answer (given the seconds left), or the outcome that the entry service answers
+        instead: 504 past `budget`, or the deployment's failure."""
         deadline = time.monotonic() + budget
         for attempt in (1, 2):
             try:
-                return await upstream.predict(self.deployment, requests, deadline - time.monotonic())
+                return await call(deadline - time.monotonic())
             except TimeoutError:
-                return [error_outcome(504, f"no answer within the deadline of {budget:g} s")] * len(requests)
+                return error_outcome(504, f"no answer within the deadline of {budget:g} s")
             except Exception as exc:  # the deployment refused, or a pooled connection to it broke
                 status = getattr(exc, "status", None)
                 logger.warning("%s predict failed upstream: %s: %s", self.name, type(exc).__name__, exc)
                 if status is None and attempt == 1:
                     continue  # predicts are safe to send again
-                return [error_outcome(status or 502, f"deployment {self.name}: {exc}")] * len(requests)
+                return error_outcome(status or 502, f"deployment {self.name}: {exc}")
         raise AssertionError("unreachable")
 
     async def stream(self, request: BaseRequest[Any], ctx: bentoml.Context) -> AsyncGenerator[str, None]:
@@ -240,6 +252,7 @@ def _invalid_item_kept(value: Any, handler: ValidatorFunctionWrapHandler) -> Any
 
 
 RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
+T = TypeVar("T")
 BatchItem = Annotated[RequestT, WrapValidator(_invalid_item_kept)]
 """A `/batch` item: validated on its own, so that an invalid one is its own 422 outcome, not the call's."""
 

@@ -10,6 +10,10 @@ from typing_extensions import TypedDict  # pydantic (BentoML builds a schema of 
 from sheaf.backends.base import Cancelled
 from sheaf.exceptions import FeatureLookupError, InvalidRequest
 
+OUTCOME_STATUS = "x-sheaf-status"
+"""The header in which a deployment's `predict` gives its outcome's status (its HTTP status is 200:
+anything else is the deployment failing), so that the entry service relays the body undecoded."""
+
 
 class Outcome(TypedDict):
     """`{"status": 200, "body": response}` or `{"status": 4xx/5xx, "body": {"detail": ...}}`."""

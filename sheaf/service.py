@@ -13,7 +13,7 @@ declares the typed APIs and hands each call to the helpers here:
         backend = "sheaf.backends.flux:FluxBackend"
 
         @bentoml.api
-        async def predict(self, request: DiffusionRequest) -> Annotated[Outcome, JSON]:
+        async def predict(self, request: DiffusionRequest) -> DiffusionResponse:
             return await self.answer_one(request)
 
 This module imports no model code: the backend is imported and loaded inside the worker.
@@ -25,19 +25,21 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, cast
 
 import bentoml
+import pydantic_core
 from bentoml.validators import ContentType
 from pydantic import BaseModel
+from starlette.responses import Response
 
-from sheaf.api.base import BaseRequest
+from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.batching import Batcher, QueueFull
 from sheaf.config import ConfigError, DeploymentConfig, config_dir, load_config
 from sheaf.deployment import Deployment
 from sheaf.disconnects import ClientGone, unless_disconnected
 from sheaf.logs import show_sheaf_logs
-from sheaf.outcomes import Outcome, error_outcome
+from sheaf.outcomes import OUTCOME_STATUS, Outcome, error_outcome
 
 TIMEOUT_MARGIN_S = 30.0
 # Named, so that BentoML does not build the output's JSON schema on every response to learn it.
@@ -69,10 +71,11 @@ def service_settings(config: DeploymentConfig | None) -> dict[str, Any]:
         "resources": config.resources.model_dump(exclude_none=True),
         # Past the deadlines that sheaf enforces itself (504), so that BentoML's never cuts in first.
         "traffic": {"timeout": config.timeout_s + TIMEOUT_MARGIN_S},
-        # The entry service logs and counts each request; doing it again per hop costs CPU and says
-        # nothing new. (sheaf's own series, `sheaf.metrics`, are recorded here all the same.)
+        # The entry service logs, counts and traces each request; doing it again per hop costs CPU and
+        # says nothing new. (sheaf's own series, `sheaf.metrics`, are recorded here all the same.)
         "logging": {"access": {"enabled": False}},
         "metrics": {"enabled": False},
+        "tracing": {"excluded_urls": [".*"]},
     }
 
 
@@ -97,9 +100,14 @@ class DeploymentService:
             max_queue_s=config.batching.max_queue_ms / 1000,
         )
 
-    async def answer_one(self, request: BaseRequest[Any]) -> Outcome:
+    async def answer_one(self, request: BaseRequest[ResponseT]) -> ResponseT:
+        """The request's outcome: its body as the client gets it, its status in a header, so that the
+        entry service relays both undecoded. BentoML sends a Response as it is; the API's return
+        annotation (the response model) is there for the schema."""
         (outcome,) = await self.answer([request])
-        return outcome
+        body = pydantic_core.to_json(outcome["body"], inf_nan_mode="null")
+        status = {OUTCOME_STATUS: str(outcome["status"])}
+        return cast(ResponseT, Response(body, media_type="application/json", headers=status))
 
     async def answer(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
         """One outcome per request, in order, from one model call shared with other callers'

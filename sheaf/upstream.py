@@ -14,7 +14,7 @@ listen), but the calls go through these clients:
 
 import json
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import aiohttp
@@ -22,11 +22,12 @@ import bentoml
 import httpx
 from pydantic import BaseModel
 
-from sheaf.outcomes import Outcome
+from sheaf.outcomes import OUTCOME_STATUS, Outcome
 
 CONNECT_TIMEOUT_S = 10
 READY_TIMEOUT_S = 5
 ALIVE_TIMEOUT_S = 2
+KEEPALIVE_S = 3.0
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -66,7 +67,12 @@ def _session(deployment: bentoml.Service[Any]) -> aiohttp.ClientSession:
     session = _sessions.get(deployment.name)
     if session is None or session.closed:
         base, socket = _address(deployment)
-        connector = aiohttp.UnixConnector(path=socket, limit=0) if socket else aiohttp.TCPConnector(limit=0)
+        # Idle connections go before the deployment's keep-alive (uvicorn's 5 s) closes them under a call.
+        connector = (
+            aiohttp.UnixConnector(path=socket, limit=0, keepalive_timeout=KEEPALIVE_S)
+            if socket
+            else aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+        )
         session = _sessions[deployment.name] = aiohttp.ClientSession(base, connector=connector)
     return session
 
@@ -79,12 +85,25 @@ async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout
         return await response.json(content_type=None)
 
 
-async def predict(deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float) -> list[Outcome]:
-    """The deployment's outcomes for `requests`, in order: one request goes to its `predict`,
-    several (a `/batch` call) to its `batch`, which keeps them in one model call."""
-    if len(requests) == 1:
-        outcome: Outcome = await _call(deployment, "predict", _body("request", requests[0]), timeout_s)
-        return [outcome]
+class Answer(NamedTuple):
+    """A deployment's answer to one predict, to relay as it is: its status and its JSON body."""
+
+    status: int
+    body: bytes
+
+
+async def predict(deployment: bentoml.Service[Any], request: BaseModel, timeout_s: float) -> Answer:
+    """The deployment's `predict` answer for `request`."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
+    body = _body("request", request)
+    async with _session(deployment).post("/predict", data=body, headers=JSON_HEADERS, timeout=timeout) as response:
+        if response.status != 200:
+            raise UpstreamError(response.status, (await response.text())[:500])
+        return Answer(int(response.headers[OUTCOME_STATUS]), await response.read())
+
+
+async def batch(deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float) -> list[Outcome]:
+    """The deployment's `batch` outcomes for `requests`, in order, from one model call."""
     body = b'{"requests":[' + b",".join(request.model_dump_json().encode() for request in requests) + b"]}"
     outcomes: list[Outcome] = await _call(deployment, "batch", body, timeout_s)
     return outcomes
