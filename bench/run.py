@@ -1,5 +1,7 @@
 """`make bench`: what sheaf costs on top of the model, what adaptive batching gains, how
-streams are delivered and cancelled, how much memory each process holds, and what load holds.
+streams are delivered and cancelled, how much memory each process holds, what load holds,
+what a second replica adds, and sheaf's batcher against BentoML's adaptive batching.
+(`bench.before_after` sets this tree against an earlier commit.)
 
 Tiny models on CPU, real servers (`bentoml serve` on 127.0.0.1), each figure a median over
 runs after a warm-up. Every deployment and the in-process baseline use one model thread, so
@@ -16,7 +18,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import wave
@@ -35,7 +36,7 @@ from sheaf.api.base import BaseRequest
 from sheaf.backends.base import limit_torch_threads
 from sheaf.config import load_config
 from sheaf.deployment import import_string
-from tests.conftest import ROOT, Server, serve, speak
+from tests.conftest import Server, serve, speak
 from tiny.models import build_tiny_causal_lm
 
 CONCURRENCY = (1, 8, 32)
@@ -70,9 +71,6 @@ class Results:
     batchers: dict[tuple[str, str, int], float] = field(default_factory=dict)
     # (deployment, workers, concurrency): req/s through the entry service
     replicas: dict[tuple[str, int, int], float] = field(default_factory=dict)
-    # the same figures as `overhead` and `rates` (batched), from the tree at BENCH_BEFORE
-    before_overhead: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    before_rates: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 def configs(folder: Path, lm: Path, batch: bool, workers: int = 1) -> None:
@@ -227,26 +225,6 @@ def compare_replicas(work: Path, lm: Path, results: Results) -> None:
             results.replicas[(name, 1, concurrency)] = rate
 
 
-def measure_before(work: Path, lm: Path, commit: str, results: Results) -> None:
-    """Overhead and batched throughput of the code at `commit` (a git worktree), in this same run."""
-    tree = work / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True)
-    try:
-        bodies = requests(work)
-        folder = work / "before-configs"
-        folder.mkdir()
-        configs(folder, lm, batch=True)
-        for server in serve(folder, folder / "server.log", ready=tuple(BACKENDS), cwd=tree):
-            for name, body in bodies.items():
-                results.before_overhead[name] = overhead_ms(server, folder, name, body)
-                for concurrency in CONCURRENCY:
-                    rate = asyncio.run(throughput(server.url, name, body, concurrency))
-                    results.before_rates[(name, concurrency)] = rate
-                    print(f"before {name} c={concurrency}: {rate:.1f} req/s")
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-
-
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "unknown CPU")
@@ -262,8 +240,6 @@ def main() -> int:
     limit_torch_threads(1)  # as the served deployments (`threads: 1`)
     lm = build_tiny_causal_lm(work / "tiny-lm", context=4096)
     results = Results()
-    if before := os.environ.get("BENCH_BEFORE"):  # a commit to set this tree against
-        measure_before(work, lm, before, results)
     for batch in (True, False):
         measure(work, lm, batch, results)
     compare_replicas(work, lm, results)
@@ -362,21 +338,6 @@ def report(results: Results) -> str:
 
 def report_comparisons(results: Results) -> list[str]:
     lines: list[str] = []
-    if results.before_rates:
-        lines += [
-            "",
-            f"## Before and after (`BENCH_BEFORE={os.environ.get('BENCH_BEFORE')}`, the same run)",
-            "",
-            "| deployment | overhead p50 before | after | c=1 req/s before | after | c=8 before | after "
-            "| c=32 before | after |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, (served, raw, _) in results.before_overhead.items():
-            now_served, now_raw, _ = results.overhead[name]
-            cells = " | ".join(
-                f"{results.before_rates[(name, c)]:.1f} | {results.rates[(name, True, c)]:.1f}" for c in CONCURRENCY
-            )
-            lines.append(f"| {name} | {served[0] - raw[0]:.2f} | {now_served[0] - now_raw[0]:.2f} | {cells} |")
     if results.replicas:
         lines += [
             "",
