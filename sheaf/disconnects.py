@@ -7,9 +7,7 @@ the body has been read, the ASGI `receive` only returns again with `http.disconn
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -54,16 +52,4 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise ClientGone from None
     finally:
         watching = False
-        watcher.cancel()
-
-
-@asynccontextmanager
-async def cancel_on_disconnect(request: Request) -> AsyncIterator[threading.Event]:
-    """An event, for model work in a thread, that is set if the client leaves meanwhile."""
-    cancel = threading.Event()
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    watcher.add_done_callback(lambda done: None if done.cancelled() else cancel.set())
-    try:
-        yield cancel
-    finally:
         watcher.cancel()
