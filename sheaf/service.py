@@ -3,18 +3,9 @@
 A deployment service holds the model. Its process batches the predicts it receives
 (`sheaf.batching`, one batch in the model at a time), so that N replicas of it batch
 independently; the entry service (`sheaf.gateway`) only routes and relays. A service file
-declares the typed APIs and hands each call to the helpers here:
-
-    CONFIG = deployment_config("flux", FluxOptions)
-
-    @bentoml.service(**service_settings(CONFIG))
-    class Flux(DeploymentService):
-        deployment_config = CONFIG
-        backend = "sheaf.backends.flux:FluxBackend"
-
-        @bentoml.api
-        async def predict(self, request: DiffusionRequest) -> DiffusionResponse:
-            return await self.answer_one(request)
+(`bentos/flux.py` reads top to bottom) reads its config with `deployment_config`, declares
+`@bentoml.service(**service_settings(config))` on a `DeploymentService` subclass naming its
+backend, and hands each typed API call to `answer_one`, `answer` or `frames`.
 
 This module imports no model code: the backend is imported and loaded inside the worker.
 """

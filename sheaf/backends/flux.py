@@ -21,15 +21,12 @@ classifier-free guidance at that same scale, which diffusers applies when it is 
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import math
 import re
 import secrets
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +48,8 @@ from sheaf.backends.base import (
     loaded,
     torch_device,
 )
+from sheaf.backends.batch_invariance import per_sample_linears
+from sheaf.backends.images import crop_center, png_b64
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -145,7 +144,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
             pipe.load_lora_weights(_location(adapter.source), adapter_name=adapter.name)
         if self._options.batch_invariant:
             # After the adapters: their LoRA layers hold linear layers too, and must be covered.
-            _per_sample_linears(pipe.transformer)
+            per_sample_linears(pipe.transformer)
         # No token of T5's vocabulary spans more characters than its longest piece (whose `▁` stands for the
         # space before a word), so a text longer than the limit's worth of them cannot fit: it is refused
         # before anything tokenises it, which takes seconds for a few megabytes.
@@ -363,7 +362,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
             if pipe.interrupt:
                 return []
             return [
-                _crop_center(self._decode(latents[row : row + 1], height, width), shape.width, shape.height)
+                crop_center(self._decode(latents[row : row + 1], height, width), shape.width, shape.height)
                 for row in range(len(jobs))
             ]
 
@@ -407,21 +406,21 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         with torch.inference_mode():
             image = self._decode(packed[:1], height, width, scale)
         # Crop away what rounding to the model's size added, in proportion, then fit the longest side.
-        image = _crop_center(
+        image = crop_center(
             image, round(shape.width * image.width / width), round(shape.height * image.height / height)
         )
         fit = min(1.0, side / max(shape.width, shape.height))
         size = (max(1, round(shape.width * fit)), max(1, round(shape.height * fit)))
         if image.size != size:
             image = image.resize(size, Image.Resampling.BILINEAR)
-        return _png_b64(image)
+        return png_b64(image)
 
     def _response(self, job: _Job, image: Image.Image, metadata: dict[str, Any]) -> DiffusionResponse:
         request = job.request
         return DiffusionResponse(
             request_id=request.request_id,
             model_name=request.model_name,
-            image_b64=_png_b64(image),
+            image_b64=png_b64(image),
             height=request.height,
             width=request.width,
             seed=job.seed,
@@ -451,37 +450,6 @@ class _AnyEvent(threading.Event):
 
     def is_set(self) -> bool:
         return super().is_set() or any(other.is_set() for other in self._others)
-
-
-def _per_sample_linears(module: torch.nn.Module) -> None:
-    """Make every linear layer under `module` multiply one sample at a time.
-
-    A matrix product's rounding depends on which kernel the library picks, and it picks by
-    shape: the same row multiplied among more rows can come out a bit different. Alone, a
-    request's products have one sample's shape; computed per sample, so do they in a batch.
-    """
-    for layer in module.modules():
-        if type(layer) is torch.nn.Linear:  # exactly: a subclass's own forward may do more than multiply
-            layer.forward = types.MethodType(_linear_per_sample, layer)  # type: ignore[method-assign]
-
-
-def _linear_per_sample(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    if inputs.dim() < 2 or inputs.shape[0] == 1:
-        return F.linear(inputs, layer.weight, layer.bias)
-    return torch.cat([F.linear(inputs[row : row + 1], layer.weight, layer.bias) for row in range(inputs.shape[0])])
-
-
-def _crop_center(image: Image.Image, width: int, height: int) -> Image.Image:
-    if image.size == (width, height):
-        return image
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def _png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _location(source: ModelSource) -> str:
