@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import psutil
 
 RUNS = 3
 WARMUP = 30  # sequential requests first, so that lazy set-up (connections, caches) is not timed
@@ -55,6 +56,21 @@ def latency_ms(*calls: Callable[[], object]) -> list[tuple[float, float]]:
 async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int, path: str | None = None) -> float:
     """Requests per second with `concurrency` clients each sending as soon as its last answer came,
     to `path` (`/{name}/predict` unless given)."""
+    return (await closed_loop(url, name, body, concurrency, path=path)).rate
+
+
+@dataclass
+class ClosedLoop:
+    rate: float  # requests per second, the median of `RUNS` runs
+    cpu_ms: float  # the server's CPU per request (its process and workers), the median; 0 when not asked
+
+
+async def closed_loop(
+    url: str, name: str, body: dict[str, Any], concurrency: int, *, server_pid: int = 0, path: str | None = None
+) -> ClosedLoop:
+    """`throughput`, and the CPU that the server `server_pid` spent per request meanwhile: on a
+    shared machine the rate drifts with its neighbours, CPU per request much less."""
+    server = psutil.Process(server_pid) if server_pid else None
     async with predicts(url, name, body, connections=concurrency, timeout_s=300, path=path) as post:
 
         async def worker(until: float) -> int:
@@ -66,12 +82,21 @@ async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int
             return done
 
         await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(concurrency)))  # warm-up
-        rates = []
+        rates, cpu_ms = [], []
         for _ in range(RUNS):
+            cpu_before = _cpu_s(server)
             started = time.perf_counter()
-            counts = await asyncio.gather(*(worker(started + SECONDS) for _ in range(concurrency)))
-            rates.append(sum(counts) / (time.perf_counter() - started))
-    return statistics.median(rates)
+            done = sum(await asyncio.gather(*(worker(started + SECONDS) for _ in range(concurrency))))
+            rates.append(done / (time.perf_counter() - started))
+            cpu_ms.append((_cpu_s(server) - cpu_before) * 1000 / done)
+    return ClosedLoop(statistics.median(rates), statistics.median(cpu_ms))
+
+
+def _cpu_s(server: psutil.Process | None) -> float:
+    if server is None:
+        return 0.0
+    processes = [server, *server.children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in processes if p.is_running())
 
 
 @asynccontextmanager

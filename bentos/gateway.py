@@ -27,7 +27,7 @@ from sheaf.api import (
 )
 from sheaf.arbiter import private_control_sockets
 from sheaf.config import check_config_dir
-from sheaf.gateway import BatchItem, Gateway, contract_middlewares, probes
+from sheaf.gateway import BatchItem, Gateway, contract_middlewares, probes, tracing_settings
 from sheaf.metrics import own_multiprocess_dir
 from sheaf.outcomes import Outcome
 from sheaf.service import TIMEOUT_MARGIN_S
@@ -130,6 +130,7 @@ check_config_dir(served=[service.name for service in SERVED])
 @bentoml.service(
     name="sheaf",
     traffic={"timeout": max(s.inner.deployment_config.timeout_s for s in SERVED) + TIMEOUT_MARGIN_S},
+    tracing=tracing_settings(),
 )
 class Sheaf(*(routes for _, routes in CONFIGURED)):  # type: ignore[misc]
     """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready per deployment."""

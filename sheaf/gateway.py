@@ -372,6 +372,16 @@ def _listening_url() -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
+def tracing_settings() -> dict[str, Any]:
+    """The entry service's `tracing` setting. With no exporter in BentoML's config, spans go nowhere,
+    yet its middleware still builds three per request (about 0.3 ms of CPU): then it builds none.
+    Set `tracing.exporter_type` in the BentoML config (`BENTOML_CONFIG`) and every request is traced."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    exporter = BentoMLContainer.config.tracing.exporter_type.get()
+    return {} if exporter else {"excluded_urls": [".*"]}
+
+
 def probes(served: list[bentoml.Service[Any]]) -> Starlette:
     """GET routes: each deployment's probes, `/docs` (Swagger is BentoML's index page), and a JSON
     404 naming the deployments for a route of one that does not exist."""

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sheaf import ResultEvent, SheafClient, TextGenerationRequest
+from sheaf.gateway import tracing_settings
 from sheaf.streaming import SSEDecoder
 from tests.conftest import Server, predict_at_once
 
@@ -56,6 +57,20 @@ def test_predict_answers_every_field(server: Server) -> None:
     assert body["finish_reason"] in ("stop", "length")
     assert 0 < body["completion_tokens"] <= 12
     assert body["metadata"]["batch_size"] == 1
+    # No tracing exporter is configured, so the entry service builds no spans (the request-id
+    # header comes from BentoML's span).
+    assert "x-bentoml-request-id" not in response.headers
+
+
+def test_the_entry_service_traces_only_when_an_exporter_is_configured() -> None:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    assert tracing_settings() == {"excluded_urls": [".*"]}
+    BentoMLContainer.config.tracing.exporter_type.set("otlp")
+    try:
+        assert tracing_settings() == {}
+    finally:
+        BentoMLContainer.config.tracing.exporter_type.set(None)
 
 
 def test_server_makes_a_request_id_when_absent(server: Server) -> None:
