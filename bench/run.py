@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from bench.load import RUNS, SLOWDOWN, LoadStep, latency_ms, load_ladder, throughput
 from bench.memory import PeakRSS, rss_mb
 from bench.stamped import STAMPS_ENV
-from bench.streams import Cancellation, Delivery, Stamps, cancellation, delivery
+from bench.streams import Cancellation, Concurrent, Delivery, Stamps, cancellation, concurrent_streams, delivery
 from sheaf.api import DiffusionRequest, ForecastRequest, TextGenerationRequest, TranscriptionRequest
 from sheaf.api.base import BaseRequest
 from sheaf.backends.base import limit_torch_threads
@@ -64,6 +64,8 @@ class Results:
     rates: dict[tuple[str, bool, int], float] = field(default_factory=dict)
     delivery: dict[str, Delivery] = field(default_factory=dict)
     cancellation: dict[str, Cancellation] = field(default_factory=dict)
+    # (deployment, concurrency): closed-loop streams through the entry service
+    streams: dict[tuple[str, int], Concurrent] = field(default_factory=dict)
     rest_mb: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
     load: dict[str, list[LoadStep]] = field(default_factory=dict)
@@ -171,6 +173,11 @@ def measure(work: Path, lm: Path, batch: bool, results: Results) -> None:
             for name, body in long_requests(work).items():
                 results.cancellation[name] = cancellation(server.url, name, body, stamps)
                 print(f"{name} cancellation: {results.cancellation[name]}")
+            for name, body in bodies.items():
+                for concurrency in CONCURRENCY:
+                    found = asyncio.run(concurrent_streams(server.url, name, body, concurrency, stamps))
+                    results.streams[(name, concurrency)] = found
+                    print(f"{name} streams c={concurrency}: {found}")
         with PeakRSS(server.pid) as peak:
             for name, body in bodies.items():
                 for concurrency in CONCURRENCY:
@@ -302,6 +309,8 @@ def report(results: Results) -> str:
             for name, d in results.delivery.items()
         ),
         "",
+        *report_streams(results),
+        "",
         "## Cancellation: the client drops a stream after two events",
         "",
         "| deployment | drop to model stopped, ms | step, ms (median) | longest step, ms "
@@ -334,6 +343,59 @@ def report(results: Results) -> str:
         after = f"{failed.rate:.1f}, {failed.p99_ms:.1f}, {failed.errors}/{failed.sent}" if failed else "not reached"
         lines.append(f"| {name} | {unloaded:.2f} | {best} | {after} |")
     return "\n".join([*lines, ""])
+
+
+def report_streams(results: Results) -> list[str]:
+    return [
+        "## Concurrent streams against predicts (closed loop, completed per second)",
+        "",
+        "Each client opens its next stream (or sends its next predict) as soon as its last one ended. "
+        "First event: stream opened to first event decoded, median; delay: backend emit to decoded, "
+        "events after the first, p50.",
+        "",
+        "| deployment | clients | predicts/s | streams/s | streams/predicts | first event ms | delay p50 ms |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {c} | {results.rates[(name, True, c)]:.1f} | {found.rate:.1f} "
+            f"| {found.rate / results.rates[(name, True, c)]:.2f} | {found.first_event_ms:.1f} "
+            f"| {found.later_delay_p50_ms:.2f} |"
+            for (name, c), found in results.streams.items()
+        ),
+    ]
+
+
+def streams_only(names: list[str]) -> int:
+    """`python -m bench.run streams [NAME,...]`: the concurrent-streams table alone, with the predicts
+    it is set against, into `bench/results/<date>-streams.md` (minutes, where `make bench` takes most of an hour)."""
+    work = Path(tempfile.mkdtemp(prefix="sheaf-bench-streams-"))
+    os.environ["SHEAF_CACHE_DIR"] = str(work / "cache")
+    os.environ[STAMPS_ENV] = str(work / "stamps.txt")
+    limit_torch_threads(1)
+    lm = build_tiny_causal_lm(work / "tiny-lm", context=4096)
+    bodies = requests(work)
+    folder = work / "configs"
+    folder.mkdir()
+    configs(folder, lm, batch=True)
+    for path in folder.glob("*.yaml"):
+        if path.stem not in names:
+            path.unlink()
+    results = Results()
+    stamps = Stamps(Path(os.environ[STAMPS_ENV]))
+    for server in serve(folder, folder / "server.log", ready=tuple(names)):
+        for name in names:
+            for concurrency in CONCURRENCY:
+                results.rates[(name, True, concurrency)] = asyncio.run(
+                    throughput(server.url, name, bodies[name], concurrency)
+                )
+                found = asyncio.run(concurrent_streams(server.url, name, bodies[name], concurrency, stamps))
+                results.streams[(name, concurrency)] = found
+                print(f"{name} c={concurrency}: {results.rates[(name, True, concurrency)]:.1f} predicts/s, {found}")
+    title = f"# sheaf concurrent streams, {datetime.date.today().isoformat()}"
+    table = "\n".join([title, "", f"Machine: {machine()}.", "", *report_streams(results), ""])
+    out = RESULTS / f"{datetime.date.today().isoformat()}-streams.md"
+    out.write_text(table)
+    print(table)
+    return 0
 
 
 def report_comparisons(results: Results) -> list[str]:
@@ -371,4 +433,6 @@ def report_comparisons(results: Results) -> list[str]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["streams"]:
+        sys.exit(streams_only(sys.argv[2].split(",") if len(sys.argv) > 2 else list(BACKENDS)))
     sys.exit(main())

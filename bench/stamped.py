@@ -2,18 +2,19 @@
 
 Each stream appends `request_id kind index monotonic_s` lines to the file named by
 `SHEAF_BENCH_STAMPS`: `emit` as the backend hands over an event, `stop` once the backend's
-own cleanup has returned (its model work has ended). `time.monotonic` is one clock for every
+own cleanup has returned (its model work has ended; for streams that share a batch, the
+batch's). `time.monotonic` is one clock for every
 process on the machine, so the bench client can set its own readings against them.
 """
 
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sheaf.api import BaseRequest, StreamEvent
-from sheaf.backends.base import Admitted, Backend
+from sheaf.backends.base import Admitted, Backend, Emit
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -43,6 +44,23 @@ class Stamped(Backend[Any, Any]):
         finally:
             getattr(events, "close", lambda: None)()  # returns once the backend has stopped its model work
             stamp(request.request_id, "stop", -1)
+
+    def stream_batch(
+        self, requests: Sequence[BaseRequest[Any]], cancels: Sequence[threading.Event], emit: Emit
+    ) -> None:
+        sent = [0] * len(requests)
+
+        def stamped(index: int, event: StreamEvent | Admitted | Exception) -> None:
+            if not isinstance(event, Admitted | Exception):
+                stamp(requests[index].request_id, "emit", sent[index])
+                sent[index] += 1
+            emit(index, event)
+
+        try:
+            super().stream_batch(requests, cancels, stamped)
+        finally:  # the model work of the whole batch has ended
+            for request in requests:
+                stamp(request.request_id, "stop", -1)
 
 
 class TextGeneration(Stamped, TextGenerationBackend):

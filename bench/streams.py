@@ -5,11 +5,15 @@
   the response headers of both hops);
 - cancellation: this client drops the connection after a few events; the time from then to
   the backend's model work having stopped (`stop`), how many events the backend still
-  produced after the drop, and for scale the longest step of a stream left to run.
+  produced after the drop, and for scale the longest step of a stream left to run;
+- concurrent streams: completed streams per second with N clients each opening its next
+  stream as soon as its last one ended, and at each N the first event's latency and the
+  later events' delay.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import statistics
@@ -19,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
-from bench.load import percentile
+from bench.load import KEEPALIVE_S, RUNS, SECONDS, percentile
 from sheaf.streaming import SSEDecoder
 
 STREAMS = 10  # per delivery run
@@ -122,3 +127,57 @@ def cancellation(url: str, name: str, body: dict[str, Any], stamps: Stamps) -> C
             stops.append((found["stop"] - dropped) * 1000)
             after.append(sum(at > dropped for at in found["emit"].values()))
     return Cancellation(statistics.median(stops), statistics.median(steps_ms), max(steps_ms), max(after))
+
+
+@dataclass
+class Concurrent:
+    rate: float  # completed streams per second, the median of `RUNS` runs
+    first_event_ms: float  # stream opened -> first event decoded, median over the streams
+    later_delay_p50_ms: float  # emit -> decoded, over every later event of every stream
+
+
+async def concurrent_streams(url: str, name: str, body: dict[str, Any], concurrency: int, stamps: Stamps) -> Concurrent:
+    """Closed-loop streams: `concurrency` clients, each opening its next stream as its last one ends."""
+    numbers = itertools.count()
+    arrivals: dict[str, tuple[float, list[float]]] = {}  # request id -> (opened, events decoded)
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=KEEPALIVE_S)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(300)) as session:
+
+        async def one(timed: bool) -> None:
+            request_id = f"concurrent-{name}-{concurrency}-{next(numbers)}"
+            decoder, times = SSEDecoder(), []
+            opened = time.monotonic()
+            async with session.post(f"/{name}/stream", json={**body, "request_id": request_id}) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"{name} stream failed under load: {response.status}")
+                async for chunk in response.content.iter_any():
+                    times += [time.monotonic()] * len(decoder.feed(chunk))
+            if timed:
+                arrivals[request_id] = (opened, times)
+
+        async def worker(until: float, timed: bool) -> int:
+            done = 0
+            while time.perf_counter() < until:
+                await one(timed)
+                done += 1
+            return done
+
+        await asyncio.gather(*(worker(time.perf_counter() + 0.5, False) for _ in range(concurrency)))  # warm-up
+        rates = []
+        for _ in range(RUNS):
+            started = time.perf_counter()
+            done = sum(await asyncio.gather(*(worker(started + SECONDS, True) for _ in range(concurrency))))
+            rates.append(done / (time.perf_counter() - started))
+    found = stamps.read()
+    firsts = [(times[0] - opened) * 1000 for opened, times in arrivals.values() if times]
+    delays = [
+        (at - found[request_id]["emit"][index]) * 1000
+        for request_id, (_, times) in arrivals.items()
+        for index, at in enumerate(times)
+        if index and index in found[request_id]["emit"]
+    ]
+    return Concurrent(
+        statistics.median(rates),
+        statistics.median(firsts),
+        percentile(delays, 0.5) if delays else math.nan,
+    )

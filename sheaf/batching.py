@@ -1,6 +1,7 @@
-"""Adaptive batching: concurrent predicts that reach one deployment process leave as one model call.
+"""Adaptive batching: concurrent predicts and streams that reach one deployment process leave
+as one model call.
 
-It runs beside the model (`sheaf.service`), so that each replica batches what it receives.
+It runs beside the model (`sheaf.deployment`), so that each replica batches what it receives.
 A batch leaves as soon as one of the `slots` is free (one: the model runs one batch at a
 time), with every request that arrived while they were all busy, up to `max_batch_size` items. So a
 lone request waits for nothing, and under load the batches grow with the queue: the batch

@@ -6,13 +6,17 @@
   one request's error never fails its batch-mates. Feast lookups of `feature_ref` for the
   whole batch go to the store in one call, then the predict cache answers what it can,
   then the backend answers the rest in one model call.
-- `stream(request)`: SSE frames as the backend yields events. Feast runs first here too. A
-  failure before the first event is sent as an error event that also carries `status` and
-  `body`, which the gateway turns into a plain HTTP error; a failure after it ends the
-  stream with an `error` event. Streams never use the cache.
+- `stream(request)`: SSE frames as the backend makes events. Feast runs first here too. The
+  stream then takes a seat (`StreamSeat`) in the same batcher as the predicts, and its batch
+  runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
+  backend with `streams_alone` streams it on a thread of its own instead). A failure before
+  the first event is sent as an error event that also carries `status` and `body`, which
+  the gateway turns into a plain HTTP error; a failure after it ends the stream with an
+  `error` event. Streams never use the cache.
 - `ready()`: whether the model has loaded.
 
-Nothing here knows BentoML; `sheaf.service` serves it, batching its predicts.
+`batcher` forms the batches (`sheaf.batching`), one in the model at a time. Nothing here
+knows BentoML; `sheaf.service` serves it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
-from sheaf.api.events import ResultEvent
-from sheaf.backends.base import Admitted, Backend, Cancelled, limit_torch_threads
+from sheaf.api.events import ResultEvent, StreamEvent
+from sheaf.backends.base import ADMITTED, Admitted, AnyEvent, Backend, Cancelled, limit_torch_threads
+from sheaf.batching import Batcher, QueueFull
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.outcomes import Outcome, error_outcome, failure, success
-from sheaf.streaming import ACCEPTED, HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
+from sheaf.streaming import ACCEPTED, HEARTBEAT, Handover, Idle, encode_event, error_event, iterate_in_thread
 
 if TYPE_CHECKING:
     from sheaf.features import FeatureStoreResolver
@@ -49,6 +54,17 @@ def import_string(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+class StreamSeat:
+    """A stream's place in a shared model call: its request, its own cancel (set once it has
+    gone), and its events, handed over from the model's thread as they are made."""
+
+    def __init__(self, request: BaseRequest[Any]) -> None:
+        self.request = request
+        self.cancel = threading.Event()
+        self.events: Handover[StreamEvent | Admitted] = Handover()
+        self.batch_size = 1  # of the call it ran in
+
+
 class Deployment:
     def __init__(self, config: DeploymentConfig, backend: str) -> None:
         self.config = config
@@ -57,6 +73,23 @@ class Deployment:
         self.cache = PredictCache.from_config(config.cache) if config.cache.enabled else None
         self.loaded = threading.Event()
         self.load_error: str | None = None
+        # One batch in the model at a time; predicts and streams share it.
+        self.batcher: Batcher[BaseRequest[Any] | StreamSeat, Outcome] = Batcher(
+            self._run_batch,
+            max_batch_size=config.batching.max_batch_size,
+            max_queue_s=config.batching.max_queue_ms / 1000,
+        )
+
+    async def _run_batch(self, items: list[BaseRequest[Any] | StreamSeat]) -> list[Outcome]:
+        cancel = threading.Event()
+        work = asyncio.ensure_future(self.run(items, cancel))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Every caller has gone: the model stops, and the next batch starts only once it has.
+            cancel.set()
+            await work
+            raise
 
     def start(self) -> None:
         """Load in the background: health answers at once and `ready` says when the model is in."""
@@ -92,32 +125,95 @@ class Deployment:
     ) -> list[Outcome]:
         """One outcome per request; the model work stops once `cancel` is set (its caller has gone)
         or the batch's deadline has passed."""
+        return await self.run(requests, cancel)
+
+    async def run(
+        self, items: Sequence[BaseRequest[Any] | StreamSeat], cancel: threading.Event | None = None
+    ) -> list[Outcome]:
+        """One model call for a batch of predicts and streams: an outcome per predict, in order
+        (a stream's outcome is its events, handed to its seat; its place in the list says nothing)."""
+        cancel = cancel or threading.Event()  # none given: never set
         if unavailable := self._unavailable():
-            return [unavailable] * len(requests)
-        metrics.BATCH_SIZE.labels(self.config.name).observe(len(requests))
-        batch = list(requests)
+            return [unavailable] * len(items)
+        seats = [item if isinstance(item, StreamSeat) else None for item in items]
+        route = "stream" if any(seats) else "predict"
+        metrics.BATCH_SIZE.labels(self.config.name, route).observe(len(items))
+        for seat in seats:
+            if seat is not None:
+                seat.batch_size = len(items)
+        batch = [item for item in items if not isinstance(item, StreamSeat)]
         outcomes: list[Outcome | None] = [None] * len(batch)
         metadata: list[dict[str, Any]] = [{} for _ in batch]
         await self._resolve_features(batch, outcomes, metadata)
         keys = self._answer_from_cache(batch, outcomes, metadata)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        if pending:
-            answers = await self._run_backend([batch[i] for i in pending], cancel or threading.Event())
-            for i, outcome in zip(pending, answers, strict=True):
+        streams = [seat for seat in seats if seat is not None]
+        if pending or streams:
+            model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
+            if streams:
+                answers = await self._stream_backend(model_requests, [None] * len(pending) + streams, cancel)
+            else:
+                answers = await self._run_backend(model_requests, cancel)
+            for i, outcome in zip(pending, answers, strict=False):  # the streams' answers went to their seats
                 outcomes[i] = outcome
                 if self.cache is not None and outcome["status"] == 200:
                     self.cache.put(keys[i], outcome["body"])
-        answered = [_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o]
-        for request, outcome in zip(requests, answered, strict=True):
+        answered = iter([_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o])
+        results: list[Outcome] = []
+        for item in items:
+            if isinstance(item, StreamSeat):
+                results.append(success({}))  # the stream's answer went to its seat
+                continue
+            outcome = next(answered)
+            results.append(outcome)
             logger.info(
                 "%s predict request_id=%s status=%d batch=%d worker=%d",
                 self.config.name,
-                request.request_id,
+                item.request_id,
                 outcome["status"],
-                len(batch),
+                len(items),
                 os.getpid(),  # which replica: each batches what it receives
             )
-        return answered
+        return results
+
+    async def _stream_backend(
+        self, requests: list[BaseRequest[Any]], seats: list[StreamSeat | None], cancel: threading.Event
+    ) -> list[Outcome]:
+        """`stream_batch` over `requests`: each seat's events go to it as they are made; the predicts
+        (no seat) get their outcomes, in order, from their results."""
+        budget = self.config.timeout_for(*(r.timeout_s for r in requests))
+        timer = asyncio.get_running_loop().call_later(budget, cancel.set)
+        cancels = [AnyEvent(cancel) if seat is None else AnyEvent(seat.cancel, cancel) for seat in seats]
+        outcomes: list[Outcome | None] = [None if seat is None else success({}) for seat in seats]
+
+        def emit(index: int, event: StreamEvent | Admitted | Exception) -> None:
+            seat = seats[index]
+            if seat is not None:
+                if isinstance(event, Exception):
+                    seat.events.fail(event)
+                elif not seat.cancel.is_set():  # else nobody reads it
+                    seat.events.put(event)
+            elif isinstance(event, Exception):
+                outcomes[index] = failure(event)
+            elif isinstance(event, ResultEvent):
+                outcomes[index] = success(event.response.model_dump(mode="json"))
+
+        try:
+            await asyncio.to_thread(self.backend.stream_batch, requests, cancels, emit)
+        except Exception as exc:  # the model call itself failed: every request of it still open gets the error
+            if not isinstance(exc, Cancelled):
+                logger.exception("batch of %d failed on %s", len(requests), self.config.name)
+            for seat in seats:
+                if seat is not None:
+                    seat.events.fail(exc)
+            outcomes = [failure(exc) if outcome is None else outcome for outcome in outcomes]
+        finally:
+            timer.cancel()
+            for seat in seats:
+                if seat is not None:
+                    seat.events.end()  # one that got no result hears that the call ended
+        unanswered = RuntimeError("the backend gave this request no result")
+        return [failure(unanswered) if outcome is None else outcome for outcome in outcomes]
 
     async def _run_backend(self, requests: list[BaseRequest[Any]], cancel: threading.Event) -> list[Outcome]:
         # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
@@ -191,10 +287,16 @@ class Deployment:
         name, sent, outcome = self.config.name, 0, "cancelled"  # until the stream says otherwise
         accepted = False  # once true, the client has a 200 and a failure is an error event
         budget = self.config.timeout_for(request.timeout_s)
+        seat = StreamSeat(request)
         try:
-            events = iterate_in_thread(
-                lambda cancel: self.backend.stream(request, cancel), idle_s=self.config.heartbeat_s, timeout_s=budget
-            )
+            if self.backend.streams_alone:
+                events = iterate_in_thread(
+                    lambda cancel: self.backend.stream(request, cancel),
+                    idle_s=self.config.heartbeat_s,
+                    timeout_s=budget,
+                )
+            else:
+                events = self._seated(seat, budget)
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, Idle):
@@ -216,6 +318,11 @@ class Deployment:
                     if outcome == "result":
                         return
             raise RuntimeError("the backend ended the stream without a result")
+        except QueueFull as exc:
+            outcome = "refused"
+            retry = self.config.limits.retry_after_s
+            busy = error_outcome(503, f"deployment {name} is busy: {exc}; retry after {retry} s")
+            yield encode_event({"type": "error", "done": True, "error": "busy", **busy})
         except TimeoutError:  # the backend's thread was told to stop when `events` closed
             outcome = "deadline"
             detail = f"no result within the deadline of {budget:g} s"
@@ -237,7 +344,35 @@ class Deployment:
         finally:
             if outcome == "cancelled":
                 metrics.STREAMS_CANCELLED.labels(name).inc()
-            logger.info("%s stream request_id=%s events=%d outcome=%s", name, request.request_id, sent, outcome)
+            logger.info(
+                "%s stream request_id=%s events=%d outcome=%s batch=%d",
+                name,
+                request.request_id,
+                sent,
+                outcome,
+                seat.batch_size,
+            )
+
+    async def _seated(self, seat: StreamSeat, budget: float) -> AsyncGenerator[StreamEvent | Admitted | Idle]:
+        """The seat's events, from the batch it joins in the queue once its request passed the
+        backend's checks; leaving gives up its place (and the batch's model work, when it was the
+        last one waiting on it)."""
+        await asyncio.to_thread(self.backend.check, seat.request)  # a refusal is still a plain HTTP error
+        yield ADMITTED  # while it queues behind the batch in the model
+        queued = asyncio.ensure_future(self.batcher.submit([seat]))
+
+        def refused(task: asyncio.Future[list[Outcome]]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                seat.events.fail(exc)  # QueueFull: no batch took it in time
+
+        queued.add_done_callback(refused)
+        try:
+            async with aclosing(seat.events.items(idle_s=self.config.heartbeat_s, timeout_s=budget)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            seat.cancel.set()
+            queued.cancel()
 
 
 def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:

@@ -65,8 +65,8 @@ def _running(pid: int) -> bool:
 
 BATCH_SIZE = Histogram(
     "sheaf_batch_size",
-    "Requests per predict batch, as adaptive batching formed it.",
-    ["deployment"],
+    "Requests per model call, as adaptive batching formed it; route=stream when streams shared it.",
+    ["deployment", "route"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 STREAM_EVENTS = Counter("sheaf_stream_events", "Stream events sent, by event type.", ["deployment", "type"])

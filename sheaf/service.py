@@ -1,7 +1,7 @@
 """The base of every deployment's BentoML service (`bentos/<name>.py`), and its settings.
 
-A deployment service holds the model. Its process batches the predicts it receives
-(`sheaf.batching`, one batch in the model at a time), so that N replicas of it batch
+A deployment service holds the model. Its process batches the predicts and streams it
+receives (`sheaf.deployment`, one batch in the model at a time), so that N replicas of it batch
 independently; the entry service (`sheaf.gateway`) only routes and relays. A service file
 (`bentos/flux.py` reads top to bottom) reads its config with `deployment_config`, declares
 `@bentoml.service(**service_settings(config))` on a `DeploymentService` subclass naming its
@@ -12,8 +12,6 @@ This module imports no model code: the backend is imported and loaded inside the
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Annotated, Any, ClassVar, cast
@@ -25,7 +23,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from sheaf.api.base import BaseRequest, ResponseT
-from sheaf.batching import Batcher, QueueFull
+from sheaf.batching import QueueFull
 from sheaf.config import ConfigError, DeploymentConfig, config_dir, load_config
 from sheaf.deployment import Deployment
 from sheaf.disconnects import ClientGone, unless_disconnected
@@ -71,7 +69,7 @@ def service_settings(config: DeploymentConfig | None) -> dict[str, Any]:
 
 
 class DeploymentService:
-    """What every deployment service does around its backend: load it, batch its predicts, stream."""
+    """What every deployment service does around its backend: load it, batch its predicts and streams."""
 
     deployment_config: ClassVar[DeploymentConfig | None]
     """None when the deployment is not configured, and so not served."""
@@ -85,11 +83,6 @@ class DeploymentService:
             raise RuntimeError(f"{type(self).__name__} has no config: it should not be served")
         self.deployment = Deployment(config, self.backend)
         self.deployment.start()
-        self.batcher: Batcher[BaseRequest[Any], Outcome] = Batcher(
-            self._run_batch,
-            max_batch_size=config.batching.max_batch_size,
-            max_queue_s=config.batching.max_queue_ms / 1000,
-        )
 
     async def answer_one(self, request: BaseRequest[ResponseT]) -> ResponseT:
         """The request's outcome: its body as the client gets it, its status in a header, so that the
@@ -109,24 +102,13 @@ class DeploymentService:
             limit = config.batching.max_batch_size
             return [error_outcome(422, f"at most {limit} requests per call, got {len(requests)}")] * len(requests)
         try:
-            return await unless_disconnected(_context.request, self.batcher.submit(list(requests)))
+            return await unless_disconnected(_context.request, self.deployment.batcher.submit(list(requests)))
         except QueueFull as exc:
             retry = config.limits.retry_after_s
             busy = error_outcome(503, f"deployment {config.name} is busy: {exc}; retry after {retry} s")
             return [busy] * len(requests)
         except ClientGone:  # nobody reads the answer
             return [error_outcome(499, "the client closed the connection")] * len(requests)
-
-    async def _run_batch(self, requests: list[BaseRequest[Any]]) -> list[Outcome]:
-        cancel = threading.Event()
-        work = asyncio.ensure_future(self.deployment.predict(requests, cancel))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # Every caller has gone: the model stops, and the next batch starts only once it has.
-            cancel.set()
-            await work
-            raise
 
     async def frames(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:
         """The request's SSE frames as the backend yields events."""

@@ -13,7 +13,8 @@ import math
 import re
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any, TypeVar
+from contextlib import aclosing
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -117,10 +118,64 @@ Feast): from here on the answer is 200 and a failure is an `error` event. Client
 
 
 class Idle:
-    """What `iterate_in_thread` yields when nothing came for `idle_s`."""
+    """What `Handover.items` yields when nothing came for `idle_s`."""
 
 
 IDLE = Idle()
+
+
+class Handover(Generic[T]):
+    """Items handed from a thread to the event loop as they are made, then the end or a failure.
+
+    `put`, `end` and `fail` may be called from any thread; `items()` reads them on the loop.
+    Once the loop has closed nobody is listening, and what is handed over is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+        self.dropped = threading.Event()
+        """Set once a hand-over found the loop closed."""
+
+    def put(self, item: T) -> None:
+        self._send(False, item)
+
+    def end(self) -> None:
+        self._send(True, _END)
+
+    def fail(self, exc: BaseException) -> None:
+        self._send(True, exc)
+
+    def _send(self, done: bool, value: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (done, value))
+        except RuntimeError:  # the loop closed under us
+            self.dropped.set()
+
+    async def items(self, *, idle_s: float | None = None, timeout_s: float | None = None) -> AsyncGenerator[T | Idle]:
+        """Each item as it comes until the end; the failure raised. With `idle_s`, `IDLE` after each
+        `idle_s` without an item; past `timeout_s`, `TimeoutError`."""
+        loop = self._loop
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            wait = idle_s if deadline is None else min(idle_s or math.inf, deadline - loop.time())
+            try:
+                # wait_for only ever cancels its own queue.get(), never the consumer's task.
+                done, value = await asyncio.wait_for(self._queue.get(), wait)
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                yield IDLE
+                continue
+            if not done:
+                yield value
+            elif value is _END:
+                return
+            else:
+                raise value
+
+
+_END = object()
 
 
 async def iterate_in_thread(
@@ -133,23 +188,15 @@ async def iterate_in_thread(
     `idle_s`, `IDLE` is yielded after each `idle_s` without an item; past `timeout_s`
     the iterator is stopped the same way and `TimeoutError` raised.
     """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    cancel = threading.Event()
-    end = object()
-
-    def put(done: bool, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (done, value))
-        except RuntimeError:  # the loop closed under us: nobody is listening any more
-            cancel.set()
+    handover: Handover[T] = Handover()
+    cancel = handover.dropped  # also set by the consumer when it stops
 
     def run() -> None:
         try:
             items = produce(cancel)
             try:
                 for item in items:
-                    put(False, item)
+                    handover.put(item)
                     if cancel.is_set():
                         break
             finally:
@@ -157,28 +204,14 @@ async def iterate_in_thread(
                 if close is not None:
                     close()
         except BaseException as exc:  # handed to the consumer, which decides what it means
-            put(True, exc)
+            handover.fail(exc)
         else:
-            put(True, end)
+            handover.end()
 
     threading.Thread(target=run, name="sheaf-stream", daemon=True).start()
     try:
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            wait = idle_s if deadline is None else min(idle_s or math.inf, deadline - loop.time())
-            try:
-                # wait_for only ever cancels its own queue.get(), never the consumer's task.
-                done, value = await asyncio.wait_for(queue.get(), wait)
-            except TimeoutError:
-                if deadline is not None and loop.time() >= deadline:
-                    raise
-                yield IDLE
-                continue
-            if not done:
-                yield value
-            elif value is end:
-                return
-            else:
-                raise value
+        async with aclosing(handover.items(idle_s=idle_s, timeout_s=timeout_s)) as items:
+            async for item in items:
+                yield item
     finally:
         cancel.set()

@@ -1,8 +1,9 @@
 """Fault injection for end-to-end tests: the real backends, plus a failure on cue.
 
-A request whose `model_name` is `fail-mid-stream` raises after its second event;
-`fail-in-batch` fails alone inside its batch; `slow-stream` waits a second before each
-event after the first. Every other request runs the real backend.
+A request whose `model_name` is `fail-mid-stream` fails after its second event;
+`fail-in-batch` fails alone inside its batch (predicted or streamed); `slow-stream` waits a
+second before each event after the first. Every other request runs the real backend. Streams
+that share batches are injected in `stream_batch`, streams that run alone in `stream`.
 """
 
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sheaf.api import BaseRequest, BaseResponse, StreamEvent
-from sheaf.backends.base import Admitted, Backend
+from sheaf.backends.base import Admitted, Backend, Emit
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -39,6 +40,36 @@ class InjectsFaults(Backend[Any, Any]):
                 cancel.wait(1.0)
             index += 1
             yield event
+
+    def stream_batch(
+        self, requests: Sequence[BaseRequest[Any]], cancels: Sequence[threading.Event], emit: Emit
+    ) -> None:
+        sent = [0] * len(requests)
+        failed: set[int] = set()
+
+        def inject(index: int, event: StreamEvent | Admitted | Exception) -> None:
+            name = requests[index].model_name
+            if index in failed:
+                return
+            if isinstance(event, Admitted | Exception):
+                emit(index, event)
+                return
+            if name == "fail-mid-stream" and sent[index] == 2:
+                failed.add(index)
+                emit(index, InjectedFault("injected after two events"))
+                return
+            if name == "fail-in-batch" and event.done:
+                failed.add(index)
+                emit(index, InjectedFault("injected for this request"))
+                return
+            if name == "slow-stream" and sent[index] > 0:
+                waited = time.monotonic() + 1.0
+                while not cancels[index].is_set() and time.monotonic() < waited:
+                    time.sleep(0.02)
+            sent[index] += 1
+            emit(index, event)
+
+        super().stream_batch(requests, cancels, inject)
 
     def predict_batch(
         self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None

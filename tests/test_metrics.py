@@ -12,6 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from sheaf.metrics import FOLDER_PREFIX, remove_stale_folders
+from sheaf.streaming import SSEDecoder
 from tests.conftest import Server, predict_at_once, serve
 
 TEXT = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 6}
@@ -49,7 +50,10 @@ def test_streams_batches_adapters_and_lookups_are_counted(server: Server) -> Non
     with httpx.stream("POST", f"{server.url}/textgen/stream", json=TEXT, timeout=60) as response:
         tokens = sum(chunk.count('"type": "token"') for chunk in response.iter_text())
     with httpx.stream("POST", f"{server.url}/textgen/stream", json=LONG, timeout=60) as response:
-        next(response.iter_raw())  # one event, then the client leaves
+        decoder = SSEDecoder()
+        for chunk in response.iter_raw():  # past `: accepted` to one event, then the client leaves
+            if decoder.feed(chunk):
+                break
     for adapters in (["a"], ["b"]):
         httpx.post(f"{server.url}/flux/stream", json={**IMAGE, "adapters": adapters}, timeout=60).raise_for_status()
     httpx.post(f"{server.url}/forecast/predict", json=FEATURE, timeout=60).raise_for_status()
@@ -68,8 +72,9 @@ def test_streams_batches_adapters_and_lookups_are_counted(server: Server) -> Non
     assert grew("sheaf_adapter_swaps_total", deployment="flux") >= 1
     assert grew("sheaf_adapter_lock_wait_seconds_count", deployment="flux") >= 2
     assert grew("sheaf_feature_lookup_seconds_count", deployment="forecast") >= 1
-    assert grew("sheaf_batch_size_count", deployment="textgen") >= 1
-    assert grew("sheaf_batch_size_sum", deployment="textgen") >= 4
+    assert grew("sheaf_batch_size_count", deployment="textgen", route="predict") >= 1
+    assert grew("sheaf_batch_size_sum", deployment="textgen", route="predict") >= 4
+    assert grew("sheaf_batch_size_count", deployment="flux", route="stream") >= 2
 
 
 def test_an_error_after_the_stream_began_is_counted(server: Server) -> None:
@@ -113,7 +118,7 @@ batching: {max_batch_size: 4, max_queue_ms: 60000}
     server = contextmanager(serve)
 
     def predicts(target: Server) -> float:
-        return value(samples(target), "sheaf_batch_size_count", deployment="forecast")
+        return value(samples(target), "sheaf_batch_size_count", deployment="forecast", route="predict")
 
     def send(target: Server, count: int) -> None:
         for _ in range(count):  # one at a time: a batch each

@@ -7,11 +7,21 @@ A `Backend` is what a deployment calls:
   one outcome per request, in order: its response, or the exception that request alone
   hit. Once `cancel` is set (every caller of the batch is gone or past its deadline) it
   should stop soon, raising `Cancelled`.
-- `stream(request, cancel)` (optional) yields events as the model produces them and
-  ends with a `ResultEvent`. It must return soon after `cancel` is set. The default
-  yields a single `ResultEvent` built from `predict_batch`. A stream that may wait before
-  its first event (a lock, a long first step) yields `ADMITTED` as soon as its request has
-  passed every check, so that the client hears at once that the stream is on its way.
+- `check(request)` raises what the request alone would hit before the model runs, so that
+  a stream is refused or accepted before it queues for a batch.
+- `stream_batch(requests, cancels, emit)` runs one model call for a batch of streams (and
+  predicts that share it) and hands each event over as it is made, `emit(index, event)`:
+  `ADMITTED` once the request has passed every check, then its own events, then its
+  `ResultEvent`, or instead the `Exception` that request alone hit. A request whose
+  `cancels[index]` is set needs nothing more (its client has gone); once every one is set,
+  it should stop soon. The default emits one `ResultEvent` per request from
+  `predict_batch`, so a backend streams in batches with no code of its own.
+- `stream(request, cancel)` yields one request's events as the model produces them, ending
+  with a `ResultEvent`; the default runs `stream_batch` for it alone. A backend that sets
+  `streams_alone` has each of its streams run `stream` on a thread of its own, sharing no
+  model call. It must return soon after `cancel` is set. A stream that may wait before its
+  first event yields `ADMITTED` once its request has passed every check, so that the client
+  hears at once that the stream is on its way.
 
 A model backend subclasses `BatchBackend`, which owns the plumbing of `predict_batch`, and
 overrides its hooks: `prepare(request)` checks one request and turns it into what the model
@@ -52,6 +62,12 @@ class Admitted:
 
 ADMITTED = Admitted()
 
+# How long closing a stream waits for its model work, which stops within a step.
+_JOIN_TIMEOUT_S = 60.0
+
+Emit = Callable[[int, "StreamEvent | Admitted | Exception"], None]
+"""`stream_batch`'s hand-over: the request's index in the batch, and its next event."""
+
 RequestT = TypeVar("RequestT", bound=BaseRequest[Any])
 ResponseT = TypeVar("ResponseT", bound=BaseResponse)
 PreparedT = TypeVar("PreparedT")
@@ -78,11 +94,44 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         self, requests: Sequence[RequestT], cancel: threading.Event | None = None
     ) -> list[ResponseT | Exception]: ...
 
+    def check(self, request: RequestT) -> None:
+        """Raise what `request` alone would hit before the model runs (`InvalidRequest` ...), so that a
+        stream can be refused, or accepted, before it queues for a batch. The default checks nothing."""
+
+    streams_alone: ClassVar[bool] = False
+    """True: each stream runs `stream` on its own thread; its streams share no model call."""
+
+    def stream_batch(self, requests: Sequence[RequestT], cancels: Sequence[threading.Event], emit: Emit) -> None:
+        outcomes = self.predict_batch(requests, EveryEvent(cancels))
+        for index, outcome in enumerate(outcomes):
+            emit(index, outcome if isinstance(outcome, Exception) else ResultEvent(response=outcome))
+
     def stream(self, request: RequestT, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        (outcome,) = self.predict_batch([request], cancel)
-        if isinstance(outcome, Exception):
-            raise outcome
-        yield ResultEvent(response=outcome)
+        """One request's events, from `stream_batch` run on a thread of its own; closing the
+        generator early stops the work. Its failure is raised after the events before it."""
+        stop = AnyEvent(cancel)  # also set when the generator is closed early
+        thread: StreamThread[StreamEvent | Admitted] = StreamThread(f"sheaf-stream-{request.request_id}")
+        failed: list[Exception] = []
+
+        def emit(_: int, event: StreamEvent | Admitted | Exception) -> None:
+            if isinstance(event, Exception):
+                failed.append(event)
+            elif not failed:
+                thread.put(event)
+
+        def work() -> None:
+            self.stream_batch([request], [stop], emit)
+            if failed:
+                raise failed[0]
+
+        thread.start(work)
+        try:
+            for event in thread.items():
+                if not cancel.is_set():  # else nobody listens any more: just wait for the work to stop
+                    yield event
+        finally:
+            stop.set()
+            thread.join(_JOIN_TIMEOUT_S)
 
 
 class BatchBackend(Backend[RequestT, ResponseT], Generic[RequestT, ResponseT, PreparedT]):
@@ -120,6 +169,9 @@ class BatchBackend(Backend[RequestT, ResponseT], Generic[RequestT, ResponseT, Pr
             raise RuntimeError(f"{type(self).__name__}.predict gave {len(results)} outcomes for {len(valid)} requests")
         answers = iter(results)
         return [item if isinstance(item, Exception) else next(answers) for item in prepared]
+
+    def check(self, request: RequestT) -> None:
+        self.prepare(request)
 
     def _prepared(self, request: RequestT) -> PreparedT | Exception:
         try:
@@ -168,6 +220,31 @@ class StreamThread(Generic[ItemT]):
             self.failure = exc
         finally:
             self._items.put(None)
+
+
+class EveryEvent(threading.Event):
+    """Reads as set once every one of `events` is: a batch's work stops when all its requests have gone.
+
+    Only `is_set` looks at them, which is all that model code reads of a cancel signal.
+    """
+
+    def __init__(self, events: Sequence[threading.Event]) -> None:
+        super().__init__()
+        self._events = events
+
+    def is_set(self) -> bool:
+        return super().is_set() or all(event.is_set() for event in self._events)
+
+
+class AnyEvent(threading.Event):
+    """Reads as set once any of `events` is: a request stops on its own cancel or on its batch's."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        super().__init__()
+        self._events = events
+
+    def is_set(self) -> bool:
+        return super().is_set() or any(event.is_set() for event in self._events)
 
 
 def loaded(value: LoadedT | None, what: str = "the model") -> LoadedT:

@@ -27,7 +27,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sheaf.api.diffusion import MAX_ADAPTER_WEIGHT, DiffusionRequest, DiffusionResponse
-from sheaf.api.events import ProgressEvent, ResultEvent, StreamEvent
-from sheaf.backends.base import (
-    ADMITTED,
-    Admitted,
-    BatchBackend,
-    Cancelled,
-    StreamThread,
-    elapsed_ms,
-    loaded,
-    torch_device,
-)
+from sheaf.api.events import ProgressEvent, ResultEvent
+from sheaf.backends.base import ADMITTED, BatchBackend, Cancelled, Emit, EveryEvent, elapsed_ms, loaded, torch_device
 from sheaf.backends.batch_invariance import per_sample_linears
 from sheaf.backends.images import crop_center, png_b64
 from sheaf.config import DeploymentConfig, ModelSource
@@ -62,8 +53,6 @@ logger = logging.getLogger("sheaf.backends.flux")
 # untyped), so the pipeline is handled as `Any` here rather than through a type that would mislead.
 _diffusers: Any = diffusers
 
-# How long closing a stream waits for its pipeline thread, which stops within one step.
-_JOIN_TIMEOUT_S = 60.0
 _SEED_BITS = 63
 # Unicode's White_Space, which the text encoders' tokenizers split words on and drop (Python's `str.isspace`
 # also takes the separators U+001C..U+001F, which they keep as characters).
@@ -197,95 +186,105 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         return tuple(sorted(zip(names, weights, strict=True)))
 
     def predict(self, jobs: Sequence[_Job], cancel: threading.Event) -> list[DiffusionResponse | Exception]:
+        outcomes: dict[int, DiffusionResponse | Exception] = {}
+        for key, members in self._groups(jobs):
+            group = [jobs[index] for index in members]
+            run = self._run_group(key, group, [cancel] * len(group))
+            if run.cancelled:
+                raise Cancelled(f"denoising stopped after {run.steps} of {key[0].steps} steps")
+            outcomes.update(zip(members, run.results(), strict=True))
+        return [outcomes[index] for index in range(len(jobs))]
+
+    def stream_batch(
+        self, requests: Sequence[DiffusionRequest], cancels: Sequence[threading.Event], emit: Emit
+    ) -> None:
+        """Each group of compatible requests in one denoising loop: a progress event per step for each
+        of its requests still listening, a preview for those that asked, then each one's image."""
+        jobs: list[_Job] = []
+        indices: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                jobs.append(self.prepare(request))
+            except Exception as exc:  # InvalidRequest ...: this request's own refusal
+                emit(index, exc)
+                continue
+            indices.append(index)
+            emit(index, ADMITTED)  # the adapter lock may keep it waiting: say at once that it is accepted
+        for key, members in self._groups(jobs):
+            where = [indices[member] for member in members]
+
+            def progress(row: int, event: ProgressEvent, where: list[int] = where) -> None:
+                emit(where[row], event)
+
+            run = self._run_group(key, [jobs[member] for member in members], [cancels[i] for i in where], progress)
+            for row, (index, result) in enumerate(zip(where, run.outcomes, strict=True)):
+                if result is None:  # its client left (or every one of the group did)
+                    steps = run.left[row] or run.steps
+                    logger.info("stream %s cancelled after %d steps", requests[index].request_id, steps)
+                else:
+                    emit(index, result if isinstance(result, Exception) else ResultEvent(response=result))
+
+    def _groups(self, jobs: Sequence[_Job]) -> list[tuple[_GroupKey, list[int]]]:
+        """The indices of `jobs` that can share one pipeline call, by group: those whose adapter
+        selection is active first, then the rest by selection, for the fewest adapter swaps."""
         groups: dict[_GroupKey, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
-        outcomes: dict[int, DiffusionResponse | Exception] = {}
-        # Groups whose selection is active go first, then the rest by selection: the fewest adapter swaps.
         active = self.adapters.active
-        for key, members in sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1])):
-            results = self._run_group(key, [jobs[index] for index in members], cancel)
-            outcomes.update(zip(members, results, strict=True))
-        return [outcomes[index] for index in range(len(jobs))]
+        return sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1]))
 
     def _run_group(
-        self, key: _GroupKey, group: list[_Job], cancel: threading.Event
-    ) -> list[DiffusionResponse | Exception]:
+        self,
+        key: _GroupKey,
+        group: list[_Job],
+        cancels: Sequence[threading.Event],
+        progress: Callable[[int, ProgressEvent], None] | None = None,
+    ) -> _GroupRun:
+        """One pipeline call for `group`, stopped within a step once every cancel is set. With
+        `progress`, each step's event goes to every job still listening."""
         shape, selection = key
-        steps = [0]  # denoising steps done, for the log
+        everyone_gone = EveryEvent(cancels)
+        run = _GroupRun([None] * len(group), [0] * len(group))
 
         def on_step(index: int, latents: torch.Tensor) -> None:
-            steps[0] = index + 1
-            if cancel.is_set():
+            run.steps = index + 1
+            if everyone_gone.is_set():
                 self.pipe._interrupt = True  # the pipeline skips every later step, and `_generate` decodes nothing
+                return
+            if progress is None:
+                return
+            for row, (job, cancel) in enumerate(zip(group, cancels, strict=True)):
+                every = job.request.preview_every
+                if cancel.is_set():
+                    run.left[row] = run.left[row] or run.steps
+                else:
+                    preview = self._preview(latents[row : row + 1], shape) if every and run.steps % every == 0 else None
+                    progress(row, ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
 
-        images: list[Image.Image] = []  # stays empty when cancelled
+        images: list[Image.Image | None] = []  # stays empty when cancelled
         elapsed = 0.0
         try:
-            if not cancel.is_set():  # hold() looks at cancel only while it waits
-                with self.adapters.hold(selection, cancel):
+            if not everyone_gone.is_set():  # hold() looks at cancel only while it waits
+                with self.adapters.hold(selection, everyone_gone):
                     started = time.perf_counter()
-                    images = self._generate(group, shape, on_step)
+                    images = self._generate(group, shape, on_step, cancels)
                     elapsed = elapsed_ms(started)
         except LockWaitCancelled:
             pass
         except Exception as exc:  # this group's call failed: its requests get the error, other groups still run
             logger.exception("pipeline call failed for a group of %d", len(group))
-            return [exc] * len(group)
-        if not images:
-            logger.info("predict group of %d cancelled after %d of %d steps", len(group), steps[0], shape.steps)
-            raise Cancelled(f"denoising stopped after {steps[0]} of {shape.steps} steps")
+            run.outcomes = [exc] * len(group)
+            return run
+        if all(image is None for image in images):  # none made (interrupted, or nobody left to see one)
+            logger.info("group of %d cancelled after %d of %d steps", len(group), run.steps, shape.steps)
+            run.outcomes = [None] * len(group)
+            return run
         metadata = {"batch_size": len(group), "inference_ms": elapsed, "adapters": dict(selection)}
-        return [self._response(job, image, dict(metadata)) for job, image in zip(group, images, strict=True)]
-
-    def stream(self, request: DiffusionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        job = self.prepare(request)  # raises InvalidRequest before any event
-        yield ADMITTED  # the adapter lock may keep it waiting: say at once that it is accepted
-        run = _StreamRun(job)
-        stop = _AnyEvent(cancel)  # also set by this generator when it is closed early
-        thread: StreamThread[ProgressEvent] = StreamThread(f"sheaf-flux-stream-{request.request_id}")
-        thread.start(lambda: self._stream_worker(run, stop, thread.put))
-        closed = False
-        try:
-            for event in thread.items():  # each step's event as soon as the step ends; then its failure, if any
-                if not cancel.is_set():  # else nobody listens any more: just wait for the thread to stop
-                    yield event
-        except GeneratorExit:
-            closed = True
-            raise
-        finally:
-            stop.set()
-            thread.join(_JOIN_TIMEOUT_S)
-            if closed and run.image is None and thread.failure is None:
-                _log_cancelled(run)
-        if run.image is None:  # cancelled, while waiting for the lock or while denoising
-            _log_cancelled(run)
-            return
-        metadata = {"batch_size": 1, "inference_ms": run.inference_ms, "adapters": dict(job.selection)}
-        yield ResultEvent(response=self._response(job, run.image, metadata))
-
-    def _stream_worker(self, run: _StreamRun, stop: threading.Event, put: Callable[[ProgressEvent], None]) -> None:
-        """Body of a stream's pipeline thread: each step's event goes to `put`, the image to `run`."""
-        job = run.job
-        shape = job.shape
-        every = job.request.preview_every
-
-        def on_step(index: int, latents: torch.Tensor) -> None:
-            run.steps = index + 1
-            if stop.is_set():
-                self.pipe._interrupt = True  # the pipeline skips every later step, and this run decodes nothing
-                return
-            preview = self._preview(latents, shape) if every and run.steps % every == 0 else None
-            put(ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
-
-        try:
-            with self.adapters.hold(job.selection, stop):
-                started = time.perf_counter()
-                images = self._generate([job], shape, on_step)
-                run.inference_ms = elapsed_ms(started)
-            run.image = images[0] if images else None
-        except LockWaitCancelled:
-            pass  # the consumer logs the cancellation
+        run.outcomes = [
+            None if image is None else self._response(job, image, dict(metadata))
+            for job, image in zip(group, images, strict=True)
+        ]
+        return run
 
     def prepare(self, request: DiffusionRequest) -> _Job:
         pixels = request.height * request.width
@@ -324,8 +323,11 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
 
     # -- the pipeline (only ever called under the adapter lock) --------------------------------
 
-    def _generate(self, jobs: Sequence[_Job], shape: _Shape, on_step: StepCallback | None = None) -> list[Image.Image]:
-        """One pipeline call for all jobs; each image comes out at exactly the requested size."""
+    def _generate(
+        self, jobs: Sequence[_Job], shape: _Shape, on_step: StepCallback, cancels: Sequence[threading.Event]
+    ) -> list[Image.Image | None]:
+        """One pipeline call for all jobs; each image comes out at exactly the requested size, but
+        None for a job whose cancel is set by then (nobody would see it), and none when interrupted."""
         pipe = self.pipe
         height, width = self._model_size(shape.height), self._model_size(shape.width)
         with torch.inference_mode():
@@ -338,12 +340,10 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
                     "negative_pooled_prompt_embeds": negative_pooled,
                     "true_cfg_scale": shape.guidance_scale,
                 }
-            callback = None
-            if on_step is not None:
 
-                def callback(_: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                    on_step(index, tensors["latents"])
-                    return {}  # the latents go on unchanged
+            def callback(_: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(index, tensors["latents"])
+                return {}  # the latents go on unchanged
 
             latents = pipe(
                 prompt_embeds=embeds,
@@ -362,7 +362,9 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
             if pipe.interrupt:
                 return []
             return [
-                crop_center(self._decode(latents[row : row + 1], height, width), shape.width, shape.height)
+                None
+                if cancels[row].is_set()
+                else crop_center(self._decode(latents[row : row + 1], height, width), shape.width, shape.height)
                 for row in range(len(jobs))
             ]
 
@@ -428,28 +430,23 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         )
 
 
-class _StreamRun:
-    """One stream's shared state: the pipeline thread fills it, the consuming generator reads it."""
+@dataclass
+class _GroupRun:
+    """What one pipeline call came to: per job its response, its failure, or None once its
+    client had gone (no image was made for it)."""
 
-    def __init__(self, job: _Job) -> None:
-        self.job = job
-        self.steps = 0  # denoising steps done
-        self.image: Image.Image | None = None  # None until the run completes: a cancelled run has none
-        self.inference_ms = 0.0
+    outcomes: list[DiffusionResponse | Exception | None]
+    left: list[int]
+    """Per job, the steps done when the pipeline first saw its cancel set (0: not seen during a step)."""
+    steps: int = 0  # denoising steps done
 
+    @property
+    def cancelled(self) -> bool:
+        return all(outcome is None for outcome in self.outcomes) and bool(self.outcomes)
 
-class _AnyEvent(threading.Event):
-    """An event that also reads as set once any of `others` is: a stream stops on its cancel or on its own close.
-
-    Only `is_set` looks at the others; that is all the adapter lock and the step callback read.
-    """
-
-    def __init__(self, *others: threading.Event) -> None:
-        super().__init__()
-        self._others = others
-
-    def is_set(self) -> bool:
-        return super().is_set() or any(other.is_set() for other in self._others)
+    def results(self) -> list[DiffusionResponse | Exception]:
+        """The outcomes of a call that was not cancelled (a predict group shares one cancel)."""
+        return [Cancelled("its callers are gone") if outcome is None else outcome for outcome in self.outcomes]
 
 
 def _location(source: ModelSource) -> str:
@@ -464,7 +461,3 @@ def _too_long(field: str, length: str, limit: int, bound: int) -> InvalidRequest
     return InvalidRequest(
         field, f"is {length}; this deployment reads at most {limit} tokens, which never hold more than {bound}"
     )
-
-
-def _log_cancelled(run: _StreamRun) -> None:
-    logger.info("stream %s cancelled after %d steps", run.job.request.request_id, run.steps)

@@ -1,6 +1,6 @@
 """How a batch's rows pick and end their tokens: one request's progress through generate (`Decoding`),
 its own sampling (`Sampling`), the logits processor and stopping criteria that apply them row by row
-(`RowSampler`, `RowStopper`), and the streamer that releases a stream's settled text (`TextStreamer`).
+(`RowSampler`, `RowStopper`), and the streamer that releases each row's settled text as it comes (`RowsStreamer`).
 
 A row's text never ends in part of a character (a trailing incomplete UTF-8 sequence is held back),
 and a stream also holds back what could be the start of a stop string until later tokens settle it.
@@ -193,32 +193,56 @@ def _push(row: Decoding, token: int) -> bool:
         return True
 
 
-class TextStreamer(BaseStreamer):
-    """Runs in the generate thread: hands each newly settled piece of text to `release`, for the consuming generator.
+class RowsStreamer(BaseStreamer):
+    """Runs in the generate thread: after each step, hands each row's newly settled text to
+    `release(row, piece)`, and calls `finished(row)` once, as soon as the row is done (its
+    batch-mates go on), or at `finish()` for a row that generate left unfinished.
 
     Text is held back while it ends in an incomplete character or could be the start of a stop
-    string; the consumer sends the rest once the thread ends.
+    string; a finished row's is released whole.
     """
 
-    def __init__(self, decoding: Decoding, release: Callable[[str], None]) -> None:
-        self.released = ""
+    def __init__(
+        self, rows: Sequence[Decoding], release: Callable[[int, str], None], finished: Callable[[int], None]
+    ) -> None:
+        self.released = ["" for _ in rows]
+        self._rows = rows
         self._release = release
-        self._decoding = decoding
+        self._finished = finished
+        self._ended = [False for _ in rows]
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate hands over the prompt first
             self._prompt_seen = True
             return
-        text = self._decoding.text()  # `RowStopper` has already taken this step's token; no partial character
-        end = len(text) if self._decoding.done else len(text) - _stop_prefix(text, self._decoding.request.stop)
-        if end > len(self.released) and text.startswith(self.released):
-            piece = text[len(self.released) : end]
-            self.released += piece
-            self._release(piece)
+        for row in range(len(self._rows)):
+            if not self._ended[row]:
+                self._settle(row, final=False)
 
     def end(self) -> None:
-        """Nothing to do: whoever runs generate marks the end, failure included."""
+        """Nothing to do: whoever runs generate calls `finish` once it has returned."""
+
+    def finish(self) -> None:
+        """Release what every unfinished row still holds, and finish it."""
+        for row in range(len(self._rows)):
+            if not self._ended[row]:
+                self._settle(row, final=True)
+
+    def _settle(self, row: int, final: bool) -> None:
+        decoding = self._rows[row]
+        if decoding.failure is None:
+            text = decoding.text()  # `RowStopper` has already taken this step's token; no partial character
+            done = final or decoding.done
+            end = len(text) if done else len(text) - _stop_prefix(text, decoding.request.stop)
+            released = self.released[row]
+            if end > len(released) and text.startswith(released):
+                self.released[row] += text[len(released) : end]
+                self._release(row, text[len(released) : end])
+            if not done:
+                return
+        self._ended[row] = True
+        self._finished(row)
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jinja2
@@ -36,11 +36,11 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from sheaf.api.events import ResultEvent, StreamEvent, TokenEvent
+from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import Admitted, BatchBackend, Cancelled, StreamThread, elapsed_ms, loaded, torch_device
+from sheaf.backends.base import BatchBackend, Cancelled, Emit, elapsed_ms, loaded, torch_device
 from sheaf.backends.gguf import converted_gguf
-from sheaf.backends.sampling import Decoding, RowSampler, RowStopper, Sampling, TextStreamer
+from sheaf.backends.sampling import Decoding, RowSampler, RowsStreamer, RowStopper, Sampling
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import TextGenerationOptions
@@ -48,14 +48,14 @@ from sheaf.weights import find_in_package, weights_location
 
 logger = logging.getLogger("sheaf.backends.textgen")
 
-# How long closing a stream waits for its generate thread, which stops within one token.
-_JOIN_TIMEOUT_S = 30.0
-
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationResponse, Decoding]):
     options_model = TextGenerationOptions
+    # A stream that arrived while a long generation ran would wait for all of it: rows cannot join
+    # a running generate call at a token boundary yet. Until they can, each stream runs on its own.
+    streams_alone = True
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
@@ -145,39 +145,59 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
             return row.failure
         return self._response(row, row.text(), row.finish_reason or "length", dict(metadata))
 
-    def stream(self, request: TextGenerationRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
-        decoding = self.prepare(request)
-        halt = threading.Event()  # stops generate when the consumer closes the stream early
-        thread: StreamThread[str] = StreamThread(f"sheaf-textgen-stream-{request.request_id}")
-        streamer = TextStreamer(decoding, thread.put)
+    def stream_batch(
+        self, requests: Sequence[TextGenerationRequest], cancels: Sequence[threading.Event], emit: Emit
+    ) -> None:
+        """One generate call for the batch: each row's settled text goes to its stream as a token
+        event at every step, and its result as soon as it ends (at its own max_new_tokens, stop
+        string or EOS) while the others go on. Generation stops once every row has ended or left."""
+        rows: list[Decoding] = []
+        where: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                rows.append(self.prepare(request))
+            except Exception as exc:  # InvalidRequest ...: this request's own refusal
+                emit(index, exc)
+                continue
+            where.append(index)
+        if not rows:
+            return
+        listening = [cancels[index] for index in where]
+        sent = [0] * len(rows)
         started = time.perf_counter()
-        thread.start(lambda: self._generate([decoding], lambda: cancel.is_set() or halt.is_set(), streamer))
-        closed = False
-        try:
-            index = 0
-            for piece in thread.items():  # each settled piece as generate makes it; then its failure, if any
-                yield TokenEvent(text=piece, index=index)
-                index += 1
+
+        def release(row: int, piece: str) -> None:
+            if not listening[row].is_set():
+                emit(where[row], TokenEvent(text=piece, index=sent[row]))
+                sent[row] += 1
+
+        def finished(row: int) -> None:
+            decoding = rows[row]
             if decoding.failure is not None:  # this row's own sampling or decoding failed
-                raise decoding.failure
-            # The thread has ended: what it held back (a possible stop string) goes out now.
-            final = decoding.text()
-            rest = final[len(streamer.released) :] if final.startswith(streamer.released) else ""
-            if rest:
-                yield TokenEvent(text=rest, index=index)
-        except GeneratorExit:
-            closed = True
-            raise
-        finally:
-            halt.set()
-            thread.join(_JOIN_TIMEOUT_S)
-            if closed and decoding.finish_reason is None:
+                emit(where[row], decoding.failure)
+                return
+            reason: FinishReason = decoding.finish_reason or "cancelled"
+            if reason == "cancelled" or listening[row].is_set():
                 _log_cancelled(decoding)
-        finish_reason: FinishReason = decoding.finish_reason or "cancelled"
-        if finish_reason == "cancelled":
-            _log_cancelled(decoding)
-        metadata = {"batch_size": 1, "inference_ms": elapsed_ms(started)}
-        yield ResultEvent(response=self._response(decoding, streamer.released + rest, finish_reason, metadata))
+            if not listening[row].is_set():
+                metadata = {"batch_size": len(rows), "inference_ms": elapsed_ms(started)}
+                emit(
+                    where[row], ResultEvent(response=self._response(decoding, streamer.released[row], reason, metadata))
+                )
+
+        streamer = RowsStreamer(rows, release, finished)
+
+        def halt() -> bool:
+            return all(row.done or cancel.is_set() for row, cancel in zip(rows, listening, strict=True))
+
+        try:
+            self._generate(rows, halt, streamer)
+        except Exception as exc:  # the model call failed: every row still open gets the error
+            logger.exception("generate failed for a batch of %d", len(rows))
+            for decoding in rows:
+                if not decoding.done:
+                    decoding.failure = exc
+        streamer.finish()
 
     def prepare(self, request: TextGenerationRequest) -> Decoding:
         """The request's row for generate."""

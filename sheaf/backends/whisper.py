@@ -78,6 +78,7 @@ class _Transcript:
 
 class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _Clip]):
     options_model = WhisperOptions
+    streams_alone = True  # each stream decodes on its own: its segments do not yet share a batch
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)

@@ -422,6 +422,101 @@ def predict_batch_one(backend: FluxBackend, req: DiffusionRequest) -> DiffusionR
     return outcome
 
 
+# -- streams that share a batch ----------------------------------------------------------------
+
+
+class Collected:
+    """`stream_batch`'s hand-over, per request index: what came, in order."""
+
+    def __init__(self, count: int) -> None:
+        self.events: list[list[Any]] = [[] for _ in range(count)]
+        self.cancels = [threading.Event() for _ in range(count)]
+
+    def emit(self, index: int, event: Any) -> None:
+        self.events[index].append(event)
+
+    def result(self, index: int) -> DiffusionResponse:
+        last = self.events[index][-1]
+        assert isinstance(last, ResultEvent) and isinstance(last.response, DiffusionResponse), last
+        return last.response
+
+    def steps(self, index: int) -> list[int]:
+        return [event.step for event in self.events[index] if isinstance(event, ProgressEvent)]
+
+
+def test_streams_of_one_setting_share_one_denoising_loop(backend: FluxBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = [request(seed=seed, preview_every=2 if seed == 2 else 0) for seed in (1, 2, 3, 4)]
+    expected = [pixels(predict(backend, req)) for req in requests]
+    calls = count_denoising_steps(monkeypatch, backend)
+    got = Collected(len(requests))
+    backend.stream_batch(requests, got.cancels, got.emit)
+    assert calls[0] == 4  # one loop of 4 steps for all four, not four loops
+    for index in range(len(requests)):
+        assert got.events[index][0] is ADMITTED
+        assert got.steps(index) == [1, 2, 3, 4]
+        assert pixels(got.result(index)) == expected[index]  # the same image as alone
+        assert got.result(index).metadata["batch_size"] == 4
+        previews = [event.preview_b64 is not None for event in got.events[index] if isinstance(event, ProgressEvent)]
+        assert previews == ([False, True, False, True] if index == 1 else [False] * 4)  # only for the one that asked
+
+
+def test_a_stream_that_leaves_its_batch_hears_nothing_more_and_the_rest_finish(
+    backend: FluxBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sheaf.backends.flux")
+    requests = [request(seed=seed, num_inference_steps=6) for seed in (1, 2, 3)]
+    expected = [pixels(predict(backend, req)) for req in requests]
+    got = Collected(len(requests))
+
+    def emit(index: int, event: Any) -> None:
+        got.emit(index, event)
+        if index == 0 and isinstance(event, ProgressEvent) and event.step == 2:
+            got.cancels[0].set()  # its client has gone
+
+    backend.stream_batch(requests, got.cancels, emit)
+    assert got.steps(0) == [1, 2]
+    assert not any(isinstance(event, ResultEvent) for event in got.events[0])
+    assert [pixels(got.result(i)) for i in (1, 2)] == expected[1:]
+    # The loop saw it gone at the next step.
+    assert f"stream {requests[0].request_id} cancelled after 3 steps" in caplog.messages
+
+
+def test_every_stream_of_a_batch_leaving_stops_its_loop(backend: FluxBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_denoising_steps(monkeypatch, backend)
+    requests = [request(seed=seed, num_inference_steps=200) for seed in (1, 2)]
+    got = Collected(len(requests))
+
+    def emit(index: int, event: Any) -> None:
+        got.emit(index, event)
+        if isinstance(event, ProgressEvent) and event.step == 3:
+            got.cancels[index].set()
+
+    backend.stream_batch(requests, got.cancels, emit)
+    assert calls[0] <= 4  # the step running when the last one left may finish; no other starts
+    assert all(not any(isinstance(e, ResultEvent) for e in events) for events in got.events)
+    assert_lock_free(backend)
+
+
+def test_a_batch_of_streams_runs_a_group_per_selection_without_bleed(backend: FluxBackend) -> None:
+    requests = [request(seed=5, **SELECTIONS[name]) for name in ("a", "b", "a", "none", "a+b")]
+    expected = [pixels(predict(backend, req)) for req in requests]
+    assert len(set(expected)) == 4  # each selection draws its own image
+    got = Collected(len(requests))
+    backend.stream_batch(requests, got.cancels, got.emit)
+    assert [pixels(got.result(i)) for i in range(len(requests))] == expected
+    assert [got.result(i).metadata["batch_size"] for i in range(len(requests))] == [2, 1, 2, 1, 1]
+
+
+def test_an_invalid_stream_of_a_batch_is_refused_alone(backend: FluxBackend) -> None:
+    requests = [request(seed=1), request(adapters=["nosuch"]), request(seed=2)]
+    got = Collected(len(requests))
+    backend.stream_batch(requests, got.cancels, got.emit)
+    (refusal,) = got.events[1]
+    assert isinstance(refusal, InvalidRequest) and "nosuch" in str(refusal)
+    assert [got.steps(i) for i in (0, 2)] == [[1, 2, 3, 4]] * 2
+    assert pixels(got.result(0)) == pixels(predict(backend, requests[0]))
+
+
 # -- cancellation and failures -----------------------------------------------------------------
 
 

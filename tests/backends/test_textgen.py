@@ -66,7 +66,7 @@ def essentials(response: TextGenerationResponse) -> tuple[str, str, int, int]:
 
 
 def stream_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("sheaf-textgen-stream-")]
+    return [thread for thread in threading.enumerate() if thread.name.startswith("sheaf-stream-")]
 
 
 def wrap_forward(
@@ -136,6 +136,48 @@ def test_a_batch_answers_each_request_as_if_it_ran_alone(backend: TextGeneration
         assert essentials(outcome) == essentials(predict(backend, req))
 
 
+def test_streams_in_one_generate_call_each_end_at_their_own_limit(backend: TextGenerationBackend) -> None:
+    batch = [
+        request(max_new_tokens=30),
+        request(prompt="Why is the sky blue?", max_new_tokens=5),
+        request(prompt="My sister paints", max_new_tokens=20, temperature=0.9, seed=7),
+        request(prompt="The old man", max_new_tokens=30, stop=["e"]),
+        request(max_new_tokens=LIMIT + 1),  # refused alone
+    ]
+    alone = [stream(backend, req) for req in batch[:4]]
+    order: list[tuple[int, Any]] = []
+    backend.stream_batch(batch, [threading.Event() for _ in batch], lambda index, event: order.append((index, event)))
+    refusals = [event for index, event in order if index == 4]
+    assert len(refusals) == 1 and isinstance(refusals[0], InvalidRequest)
+    for index, (tokens, response) in enumerate(alone):
+        got = [event for i, event in order if i == index]
+        *pieces, last = got
+        assert isinstance(last, ResultEvent) and isinstance(last.response, TextGenerationResponse)
+        assert essentials(last.response) == essentials(response)  # as alone, in a batch of four
+        assert [piece.text for piece in pieces] == [token.text for token in tokens]
+        assert [piece.index for piece in pieces] == list(range(len(pieces)))
+        assert last.response.metadata["batch_size"] == 4
+    # The short one's result comes while the long ones still generate.
+    short_done = order.index(next(item for item in order if item[0] == 1 and isinstance(item[1], ResultEvent)))
+    assert any(i == 0 and isinstance(event, TokenEvent) for i, event in order[short_done:])
+
+
+def test_a_stream_that_leaves_its_generate_call_hears_nothing_more(backend: TextGenerationBackend) -> None:
+    batch = [request(max_new_tokens=40), request(prompt="A", max_new_tokens=25)]
+    expected = essentials(predict(backend, batch[1]))
+    cancels = [threading.Event(), threading.Event()]
+    got: list[list[Any]] = [[], []]
+
+    def emit(index: int, event: Any) -> None:
+        got[index].append(event)
+        if index == 0 and len(got[0]) == 2:
+            cancels[0].set()
+
+    backend.stream_batch(batch, cancels, emit)
+    assert len(got[0]) == 2 and all(isinstance(event, TokenEvent) for event in got[0])
+    assert isinstance(got[1][-1], ResultEvent) and essentials(got[1][-1].response) == expected
+
+
 def test_the_seed_decides_the_sample(backend: TextGenerationBackend) -> None:
     greedy = predict(backend, request(max_new_tokens=40)).text
     seeded = [predict(backend, request(max_new_tokens=40, temperature=1.0, seed=seed)).text for seed in (5, 5, 6)]
@@ -198,7 +240,7 @@ def test_a_stream_refuses_a_bad_request_before_its_first_event(backend: TextGene
 def test_cancel_stops_a_stream_within_a_few_tokens(
     backend: TextGenerationBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wrap_forward(monkeypatch, backend, lambda _: time.sleep(0.02))  # so the consumer can keep up with the model
+    calls = wrap_forward(monkeypatch, backend, lambda _: time.sleep(0.02))  # so the consumer can keep up with the model
     req = request(max_new_tokens=LIMIT)
     cancel = threading.Event()
     events = []
@@ -206,14 +248,11 @@ def test_cancel_stops_a_stream_within_a_few_tokens(
         for event in backend.stream(req, cancel):
             events.append(event)
             cancel.set()
-    *tokens, last = events
-    assert isinstance(last, ResultEvent)
-    response = last.response
-    assert all(isinstance(token, TokenEvent) for token in tokens)
-    assert response.finish_reason == "cancelled"
-    assert 0 < response.completion_tokens <= 8
-    assert "".join(token.text for token in tokens if isinstance(token, TokenEvent)) == response.text
-    assert f"stream {req.request_id} cancelled after {response.completion_tokens} tokens" in caplog.messages
+    # Nothing follows the cancel: no more tokens, and no result for a client that has gone.
+    assert len(events) == 1 and isinstance(events[0], TokenEvent)
+    assert calls[0] <= 8  # generation stopped within a few tokens of the cancel
+    (logged,) = [m for m in caplog.messages if m.startswith(f"stream {req.request_id} cancelled after ")]
+    assert 0 < int(logged.split()[-2]) <= 8
     assert not stream_threads()
 
 

@@ -1,0 +1,193 @@
+"""Streams that share a model call, served: flux's denoising loop and forecast's batched call.
+(textgen's rows in one generate call are tested in process, `tests/backends/test_textgen.py`:
+its served streams still run alone.)
+
+Each test first starts a long flux stream (the blocker) and waits for its first step, so that
+the requests sent next queue behind it and leave together in the next batch.
+"""
+
+import asyncio
+import base64
+import io
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from sheaf.streaming import SSEDecoder
+from tests.conftest import Server
+
+FOX = {"model_type": "diffusion", "prompt": "a fox", "height": 32, "width": 32, "num_inference_steps": 4}
+BLOCKER = {**FOX, "num_inference_steps": 120, "request_id": "blocker"}
+HISTORY = [float(i % 12) for i in range(64)]
+
+
+def pixels(response: dict[str, Any]) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(response["image_b64"]))).tobytes()
+
+
+async def stream(
+    client: httpx.AsyncClient, name: str, body: dict[str, Any], drop_after: int = 0
+) -> list[dict[str, Any]]:
+    """The stream's events; with `drop_after`, the client leaves once it has that many."""
+    decoder, events = SSEDecoder(), []
+    async with client.stream("POST", f"/{name}/stream", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_raw():
+            events += decoder.feed(chunk)
+            if drop_after and len(events) >= drop_after:
+                break
+    return events
+
+
+@asynccontextmanager
+async def behind_a_blocker(
+    server: Server, name: str = "flux", blocker: dict[str, Any] = BLOCKER
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client, while a long stream holds `name`'s model (from its first event on)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        started = asyncio.Event()
+
+        async def block() -> None:
+            decoder = SSEDecoder()
+            async with client.stream("POST", f"/{name}/stream", json=blocker) as response:
+                async for chunk in response.aiter_raw():
+                    if decoder.feed(chunk):
+                        started.set()
+
+        blocking = asyncio.ensure_future(block())
+        await asyncio.wait_for(started.wait(), 60)
+        try:
+            yield client
+        finally:
+            await blocking
+
+
+def solo_predicts(server: Server, name: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    answers = []
+    for body in bodies:
+        response = httpx.post(f"{server.url}/{name}/predict", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    return answers
+
+
+def test_concurrent_flux_streams_share_a_denoising_loop_and_each_gets_its_own_image(server: Server) -> None:
+    bodies = [{**FOX, "seed": seed, "request_id": f"shared-{seed}"} for seed in range(8)]
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with behind_a_blocker(server) as client:
+            return await asyncio.gather(*(stream(client, "flux", body) for body in bodies))
+
+    streams = asyncio.run(run())
+    expected = solo_predicts(server, "flux", bodies)
+    for events, alone in zip(streams, expected, strict=True):
+        *progress, result = events
+        assert [event["step"] for event in progress] == [1, 2, 3, 4]
+        assert result["type"] == "result"
+        assert pixels(result) == pixels(alone)  # pixel for pixel, as alone
+        assert result["metadata"]["batch_size"] == 8  # eight streams, one model call
+    log = server.log_text()
+    assert re.search(r"flux stream request_id=shared-0 events=5 outcome=result batch=8", log)
+
+
+def test_streams_and_predicts_share_a_call_and_each_answer_equals_its_solo_run(server: Server) -> None:
+    streamed = [{**FOX, "seed": seed, "request_id": f"mixed-s{seed}"} for seed in (1, 2, 3)]
+    predicted = [{**FOX, "seed": seed, "request_id": f"mixed-p{seed}"} for seed in (4, 5)]
+
+    async def run() -> tuple[list[list[dict[str, Any]]], list[httpx.Response]]:
+        async with behind_a_blocker(server) as client:
+            streams = asyncio.gather(*(stream(client, "flux", body) for body in streamed))
+            predicts = asyncio.gather(*(client.post("/flux/predict", json=body) for body in predicted))
+            return await streams, await predicts
+
+    streams, predicts = asyncio.run(run())
+    expected = solo_predicts(server, "flux", streamed + predicted)
+    got = [events[-1] for events in streams] + [response.json() for response in predicts]
+    assert [pixels(answer) for answer in got] == [pixels(answer) for answer in expected]
+    assert {answer["metadata"]["batch_size"] for answer in got} == {5}
+
+
+def test_a_client_leaving_its_batch_leaves_the_others_unharmed(server: Server) -> None:
+    bodies = [{**FOX, "num_inference_steps": 8, "seed": seed, "request_id": f"leave-{seed}"} for seed in range(4)]
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with behind_a_blocker(server) as client:
+            return await asyncio.gather(
+                *(stream(client, "flux", body, drop_after=2 * (i == 0)) for i, body in enumerate(bodies))
+            )
+
+    streams = asyncio.run(run())
+    assert len(streams[0]) == 2
+    expected = solo_predicts(server, "flux", bodies[1:])
+    assert [pixels(events[-1]) for events in streams[1:]] == [pixels(answer) for answer in expected]
+    assert "flux stream request_id=leave-0 events=2 outcome=cancelled batch=4" in server.log_text()
+
+
+def test_every_client_of_a_batch_leaving_stops_its_work(server: Server) -> None:
+    bodies = [{**FOX, "num_inference_steps": 200, "seed": seed, "request_id": f"all-leave-{seed}"} for seed in range(3)]
+
+    async def run() -> None:
+        async with behind_a_blocker(server) as client:
+            await asyncio.gather(*(stream(client, "flux", body, drop_after=2) for body in bodies))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while not (stopped := re.search(r"group of 3 cancelled after (\d+) of 200 steps", server.log_text())):
+        assert time.monotonic() < deadline, "the batch's loop never stopped"
+        time.sleep(0.1)
+    assert int(stopped.group(1)) < 200
+
+
+def test_a_failing_member_of_a_batched_group_gets_an_error_event_and_the_others_their_result(server: Server) -> None:
+    bodies = [{**FOX, "seed": 1, "request_id": "poison-ok-1"}, {**FOX, "seed": 2, "model_name": "fail-in-batch"}]
+    bodies.append({**FOX, "seed": 3, "request_id": "poison-ok-3"})
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with behind_a_blocker(server) as client:
+            return await asyncio.gather(*(stream(client, "flux", body) for body in bodies))
+
+    first, poisoned, last = asyncio.run(run())
+    assert poisoned[-1]["type"] == "error" and "injected" in poisoned[-1]["error"]
+    assert [event["step"] for event in poisoned[:-1]] == [1, 2, 3, 4]
+    assert first[-1]["type"] == last[-1]["type"] == "result"
+    assert first[-1]["metadata"]["batch_size"] == 3
+
+
+def test_concurrent_streams_with_other_adapters_never_bleed(server: Server) -> None:
+    selections: list[dict[str, Any]] = [{"adapters": []}, {"adapters": ["a"]}, {"adapters": ["b"]}]
+    bodies = [{**FOX, "seed": 9, **selection} for selection in selections for _ in range(2)]
+    references = [
+        pixels(answer) for answer in solo_predicts(server, "flux", [{**FOX, "seed": 9, **s} for s in selections])
+    ]
+    assert len(set(references)) == 3
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with behind_a_blocker(server) as client:
+            return await asyncio.gather(*(stream(client, "flux", body) for body in bodies))
+
+    streams = asyncio.run(run())
+    for i, events in enumerate(streams):
+        assert pixels(events[-1]) == references[i // 2]  # its own selection's image, no other's
+        assert events[-1]["metadata"]["batch_size"] == 2  # a group per selection
+
+
+def test_forecast_streams_batch_by_default_and_answer_as_predicts_do(server: Server) -> None:
+    bodies = [
+        {"model_type": "time_series", "history": HISTORY, "horizon": 6 + i, "request_id": f"fc-{i}"} for i in range(6)
+    ]
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(stream(client, "forecast", body) for body in bodies))
+
+    streams = asyncio.run(run())
+    expected = solo_predicts(server, "forecast", bodies)
+    for (result,), alone in zip(streams, expected, strict=True):
+        assert result["type"] == "result"
+        assert result["mean"] == alone["mean"]
+    assert re.search(r"forecast stream request_id=fc-0 events=1 outcome=result batch=\d+", server.log_text())
