@@ -136,18 +136,16 @@ class Deployment:
         if unavailable := self._unavailable():
             return [unavailable] * len(items)
         seats = [item if isinstance(item, StreamSeat) else None for item in items]
-        route = "stream" if any(seats) else "predict"
-        metrics.BATCH_SIZE.labels(self.config.name, route).observe(len(items))
-        for seat in seats:
-            if seat is not None:
-                seat.batch_size = len(items)
+        streams = [seat for seat in seats if seat is not None]
+        metrics.BATCH_SIZE.labels(self.config.name, "stream" if streams else "predict").observe(len(items))
+        for seat in streams:
+            seat.batch_size = len(items)
         batch = [item for item in items if not isinstance(item, StreamSeat)]
         outcomes: list[Outcome | None] = [None] * len(batch)
         metadata: list[dict[str, Any]] = [{} for _ in batch]
         await self._resolve_features(batch, outcomes, metadata)
         keys = self._answer_from_cache(batch, outcomes, metadata)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        streams = [seat for seat in seats if seat is not None]
         if pending or streams:
             model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
             if streams:

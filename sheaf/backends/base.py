@@ -173,6 +173,20 @@ class BatchBackend(Backend[RequestT, ResponseT], Generic[RequestT, ResponseT, Pr
     def check(self, request: RequestT) -> None:
         self.prepare(request)
 
+    def prepare_streams(self, requests: Sequence[RequestT], emit: Emit) -> tuple[list[PreparedT], list[int]]:
+        """For `stream_batch`: the requests that prepared, with their indices; each one that did not
+        gets its exception emitted as its refusal."""
+        prepared: list[PreparedT] = []
+        indices: list[int] = []
+        for index, request in enumerate(requests):
+            item = self._prepared(request)
+            if isinstance(item, Exception):
+                emit(index, item)
+            else:
+                prepared.append(item)
+                indices.append(index)
+        return prepared, indices
+
     def _prepared(self, request: RequestT) -> PreparedT | Exception:
         try:
             return self.prepare(request)

@@ -200,15 +200,8 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
     ) -> None:
         """Each group of compatible requests in one denoising loop: a progress event per step for each
         of its requests still listening, a preview for those that asked, then each one's image."""
-        jobs: list[_Job] = []
-        indices: list[int] = []
-        for index, request in enumerate(requests):
-            try:
-                jobs.append(self.prepare(request))
-            except Exception as exc:  # InvalidRequest ...: this request's own refusal
-                emit(index, exc)
-                continue
-            indices.append(index)
+        jobs, indices = self.prepare_streams(requests, emit)
+        for index in indices:
             emit(index, ADMITTED)  # the adapter lock may keep it waiting: say at once that it is accepted
         for key, members in self._groups(jobs):
             where = [indices[member] for member in members]

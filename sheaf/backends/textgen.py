@@ -151,15 +151,7 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
         """One generate call for the batch: each row's settled text goes to its stream as a token
         event at every step, and its result as soon as it ends (at its own max_new_tokens, stop
         string or EOS) while the others go on. Generation stops once every row has ended or left."""
-        rows: list[Decoding] = []
-        where: list[int] = []
-        for index, request in enumerate(requests):
-            try:
-                rows.append(self.prepare(request))
-            except Exception as exc:  # InvalidRequest ...: this request's own refusal
-                emit(index, exc)
-                continue
-            where.append(index)
+        rows, where = self.prepare_streams(requests, emit)
         if not rows:
             return
         listening = [cancels[index] for index in where]
