@@ -3,6 +3,7 @@ own batches, and every request is answered once, by one of them."""
 
 import asyncio
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.conftest import Server, serve
 REQUESTS = 192
 CONCURRENCY = 32
 LOGGED = re.compile(r"forecast predict request_id=(\S+) status=(\d+) batch=(\d+) worker=(\d+)")
+LOADED = re.compile(r"\[service:forecast:(\d+)\] deployment forecast loaded")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,19 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "batching: {max_batch_size: 16}\nlimits: {max_pending: 1024}\n"
     )
     env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
-    yield from serve(configs, configs / "server.log", env=env, ready=("forecast",))
+    for server in serve(configs, configs / "server.log", env=env, ready=("forecast",)):
+        wait_for_both_replicas(server)
+        yield server
+
+
+def wait_for_both_replicas(server: Server) -> None:
+    """Ready means one replica answers; a slower one (importing torch on a busy machine) would find
+    every kept-alive connection already taken by the first, and get none of the load."""
+    deadline = time.monotonic() + 120
+    while len(set(LOADED.findall(server.log_text()))) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the second replica did not load in time:\n{server.log_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 async def predict_all(url: str) -> list[httpx.Response]:
