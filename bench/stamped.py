@@ -10,11 +10,12 @@ process on the machine, so the bench client can set its own readings against the
 import os
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sheaf.api import BaseRequest, StreamEvent
-from sheaf.backends.base import Admitted, Backend, Emit
+from sheaf.backends.base import Admitted, Arrivals, Backend, Emit
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -46,20 +47,26 @@ class Stamped(Backend[Any, Any]):
             stamp(request.request_id, "stop", -1)
 
     def stream_batch(
-        self, requests: Sequence[BaseRequest[Any]], cancels: Sequence[threading.Event], emit: Emit
+        self,
+        requests: Sequence[BaseRequest[Any]],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,
     ) -> None:
-        sent = [0] * len(requests)
+        sent: defaultdict[int, int] = defaultdict(int)
+        joined = arrivals.taken if arrivals is not None else {}
 
         def stamped(index: int, event: StreamEvent | Admitted | Exception) -> None:
             if not isinstance(event, Admitted | Exception):
-                stamp(requests[index].request_id, "emit", sent[index])
+                request = requests[index] if index < len(requests) else joined[index].request
+                stamp(request.request_id, "emit", sent[index])
                 sent[index] += 1
             emit(index, event)
 
         try:
-            super().stream_batch(requests, cancels, stamped)
+            super().stream_batch(requests, cancels, stamped, arrivals)
         finally:  # the model work of the whole batch has ended
-            for request in requests:
+            for request in [*requests, *(arrival.request for arrival in joined.values())]:
                 stamp(request.request_id, "stop", -1)
 
 

@@ -65,6 +65,11 @@ class Batcher(Generic[Item, Answer]):
         self.queue: deque[_Group[Item, Answer]] = deque()
         self.running: set[asyncio.Task[None]] = set()  # held, or the loop may collect a running batch
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any caller still waits in the queue."""
+        return any(not group.sent.done() for group in self.queue)
+
     async def submit(self, items: list[Item]) -> list[Answer]:
         """The answers to `items`, sent in one batch, possibly with other callers' items."""
         if len(items) > self.max_batch_size:

@@ -9,7 +9,9 @@
 - `stream(request)`: SSE frames as the backend makes events. Feast runs first here too. The
   stream then takes a seat (`StreamSeat`) in the same batcher as the predicts, and its batch
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
-  backend with `streams_alone` streams it on a thread of its own instead). A failure before
+  backend with `streams_alone` streams it on a thread of its own instead). A backend that
+  `joins_running` runs every batch that way, and a stream that arrives while one runs joins
+  it (`RunningCall`) when it has room and nobody waits in the queue. A failure before
   the first event is sent as an error event that also carries `status` and `body`, which
   the gateway turns into a plain HTTP error; a failure after it ends the stream with an
   `error` event. Streams never use the cache.
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent, StreamEvent
-from sheaf.backends.base import ADMITTED, Admitted, AnyEvent, Backend, Cancelled, limit_torch_threads
+from sheaf.backends.base import ADMITTED, Admitted, AnyEvent, Arrivals, Backend, Cancelled, limit_torch_threads
 from sheaf.batching import Batcher, QueueFull
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
@@ -63,6 +65,26 @@ class StreamSeat:
         self.cancel = threading.Event()
         self.events: Handover[StreamEvent | Admitted] = Handover()
         self.batch_size = 1  # of the call it ran in
+        self.queued: asyncio.Future[list[Outcome]] | None = None  # its place in the batcher's queue
+
+
+class RunningCall:
+    """The call in the model of a backend that `joins_running`: streams that arrive while it runs
+    are offered to it, and join at its next step boundary while it has room."""
+
+    def __init__(self, first_index: int) -> None:
+        self.arrivals = Arrivals()
+        self.joined: dict[int, StreamSeat] = {}
+        self._next_index = first_index
+
+    def join(self, seat: StreamSeat) -> bool:
+        index = self._next_index
+        self.joined[index] = seat  # before the offer: the model's thread may emit to it at once
+        if not self.arrivals.offer(index, seat.request, seat.cancel):
+            del self.joined[index]
+            return False
+        self._next_index += 1
+        return True
 
 
 class Deployment:
@@ -73,6 +95,7 @@ class Deployment:
         self.cache = PredictCache.from_config(config.cache) if config.cache.enabled else None
         self.loaded = threading.Event()
         self.load_error: str | None = None
+        self.running: RunningCall | None = None  # a joinable call in the model, while one runs
         # One batch in the model at a time; predicts and streams share it.
         self.batcher: Batcher[BaseRequest[Any] | StreamSeat, Outcome] = Batcher(
             self._run_batch,
@@ -148,7 +171,7 @@ class Deployment:
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if pending or streams:
             model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
-            if streams:
+            if streams or self.backend.joins_running:  # a joinable call takes streams while it runs
                 answers = await self._stream_backend(model_requests, [None] * len(pending) + streams, cancel)
             else:
                 answers = await self._run_backend(model_requests, cancel)
@@ -183,35 +206,52 @@ class Deployment:
         timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         cancels = [AnyEvent(cancel) if seat is None else AnyEvent(seat.cancel, cancel) for seat in seats]
         outcomes: list[Outcome | None] = [None if seat is None else success({}) for seat in seats]
+        running = RunningCall(len(requests)) if self.backend.joins_running else None
 
         def emit(index: int, event: StreamEvent | Admitted | Exception) -> None:
-            seat = seats[index]
+            seat = seats[index] if index < len(seats) else running.joined[index] if running else None
             if seat is not None:
                 if isinstance(event, Exception):
                     seat.events.fail(event)
                 elif not seat.cancel.is_set():  # else nobody reads it
+                    if isinstance(event, ResultEvent):
+                        seat.batch_size = event.response.metadata.get("batch_size", seat.batch_size)
                     seat.events.put(event)
             elif isinstance(event, Exception):
                 outcomes[index] = failure(event)
             elif isinstance(event, ResultEvent):
                 outcomes[index] = success(event.response.model_dump(mode="json"))
 
+        self.running = running
+        failed: Exception | None = None
         try:
-            await asyncio.to_thread(self.backend.stream_batch, requests, cancels, emit)
+            await asyncio.to_thread(
+                self.backend.stream_batch, requests, cancels, emit, running.arrivals if running else None
+            )
         except Exception as exc:  # the model call itself failed: every request of it still open gets the error
             if not isinstance(exc, Cancelled):
                 logger.exception("batch of %d failed on %s", len(requests), self.config.name)
-            for seat in seats:
-                if seat is not None:
-                    seat.events.fail(exc)
+            failed = exc
             outcomes = [failure(exc) if outcome is None else outcome for outcome in outcomes]
         finally:
             timer.cancel()
-            for seat in seats:
+            for seat in [*seats, *self._close(running)]:
                 if seat is not None:
+                    if failed is not None:
+                        seat.events.fail(failed)
                     seat.events.end()  # one that got no result hears that the call ended
-        unanswered = RuntimeError("the backend gave this request no result")
+        # A predict with no result: stopped with its batch (its callers gone, or its deadline past), or a backend's bug.
+        unanswered = Cancelled("the batch stopped") if cancel.is_set() else RuntimeError("the backend gave no result")
         return [failure(unanswered) if outcome is None else outcome for outcome in outcomes]
+
+    def _close(self, running: RunningCall | None) -> list[StreamSeat]:
+        """The streams that joined `running`, now ended; those offered to it too late queue for the next call."""
+        if running is None:
+            return []
+        self.running = None
+        for index in running.arrivals.close():
+            self._queue(running.joined.pop(index))
+        return [running.joined[index] for index in running.arrivals.taken]
 
     async def _run_backend(self, requests: list[BaseRequest[Any]], cancel: threading.Event) -> list[Outcome]:
         # The model work stops once the last deadline of the batch has passed: nobody waits for it then.
@@ -357,20 +397,32 @@ class Deployment:
         last one waiting on it)."""
         await asyncio.to_thread(self.backend.check, seat.request)  # a refusal is still a plain HTTP error
         yield ADMITTED  # while it queues behind the batch in the model
-        queued = asyncio.ensure_future(self.batcher.submit([seat]))
-
-        def refused(task: asyncio.Future[list[Outcome]]) -> None:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                seat.events.fail(exc)  # QueueFull: no batch took it in time
-
-        queued.add_done_callback(refused)
+        if not self._join_running(seat):
+            self._queue(seat)
         try:
             async with aclosing(seat.events.items(idle_s=self.config.heartbeat_s, timeout_s=budget)) as events:
                 async for event in events:
                     yield event
         finally:
             seat.cancel.set()
-            queued.cancel()
+            if seat.queued is not None:
+                seat.queued.cancel()
+
+    def _join_running(self, seat: StreamSeat) -> bool:
+        """Seat the stream in the call running now, if it joins running calls and has room, and no
+        one waits in the queue (who would otherwise wait for as long as streams keep joining)."""
+        return self.running is not None and not self.batcher.waiting and self.running.join(seat)
+
+    def _queue(self, seat: StreamSeat) -> None:
+        if seat.cancel.is_set():  # its reader has gone
+            return
+        seat.queued = queued = asyncio.ensure_future(self.batcher.submit([seat]))
+
+        def refused(task: asyncio.Future[list[Outcome]]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                seat.events.fail(exc)  # QueueFull: no batch took it in time
+
+        queued.add_done_callback(refused)
 
 
 def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:

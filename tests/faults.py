@@ -9,12 +9,13 @@ that share batches are injected in `stream_batch`, streams that run alone in `st
 import os
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sheaf.api import BaseRequest, BaseResponse, StreamEvent
-from sheaf.backends.base import Admitted, Backend, Emit
+from sheaf.backends.base import Admitted, Arrivals, Backend, Emit
 from sheaf.backends.flux import FluxBackend
 from sheaf.backends.forecast import ForecastBackend
 from sheaf.backends.textgen import TextGenerationBackend
@@ -42,13 +43,22 @@ class InjectsFaults(Backend[Any, Any]):
             yield event
 
     def stream_batch(
-        self, requests: Sequence[BaseRequest[Any]], cancels: Sequence[threading.Event], emit: Emit
+        self,
+        requests: Sequence[BaseRequest[Any]],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,
     ) -> None:
-        sent = [0] * len(requests)
+        sent: defaultdict[int, int] = defaultdict(int)
         failed: set[int] = set()
 
         def inject(index: int, event: StreamEvent | Admitted | Exception) -> None:
-            name = requests[index].model_name
+            if index < len(requests):
+                request, cancel = requests[index], cancels[index]
+            else:  # it joined the running call
+                assert arrivals is not None
+                request, cancel = arrivals.taken[index].request, arrivals.taken[index].cancel
+            name = request.model_name
             if index in failed:
                 return
             if isinstance(event, Admitted | Exception):
@@ -64,12 +74,12 @@ class InjectsFaults(Backend[Any, Any]):
                 return
             if name == "slow-stream" and sent[index] > 0:
                 waited = time.monotonic() + 1.0
-                while not cancels[index].is_set() and time.monotonic() < waited:
+                while not cancel.is_set() and time.monotonic() < waited:
                     time.sleep(0.02)
             sent[index] += 1
             emit(index, event)
 
-        super().stream_batch(requests, cancels, inject)
+        super().stream_batch(requests, cancels, inject, arrivals)
 
     def predict_batch(
         self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None

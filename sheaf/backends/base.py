@@ -15,7 +15,10 @@ A `Backend` is what a deployment calls:
   `ResultEvent`, or instead the `Exception` that request alone hit. A request whose
   `cancels[index]` is set needs nothing more (its client has gone); once every one is set,
   it should stop soon. The default emits one `ResultEvent` per request from
-  `predict_batch`, so a backend streams in batches with no code of its own.
+  `predict_batch`, so a backend streams in batches with no code of its own. A backend that
+  sets `joins_running` also takes the streams that arrive while its call runs, from
+  `arrivals`, at a step boundary (continuous batching); they are emitted under the indices
+  `arrivals` gives them.
 - `stream(request, cancel)` yields one request's events as the model produces them, ending
   with a `ResultEvent`; the default runs `stream_batch` for it alone. A backend that sets
   `streams_alone` has each of its streams run `stream` on a thread of its own, sharing no
@@ -36,6 +39,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -101,7 +105,16 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
     streams_alone: ClassVar[bool] = False
     """True: each stream runs `stream` on its own thread; its streams share no model call."""
 
-    def stream_batch(self, requests: Sequence[RequestT], cancels: Sequence[threading.Event], emit: Emit) -> None:
+    joins_running: ClassVar[bool] = False
+    """True: `stream_batch` takes streams from its `arrivals` while it runs, and every batch runs it."""
+
+    def stream_batch(
+        self,
+        requests: Sequence[RequestT],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,
+    ) -> None:
         outcomes = self.predict_batch(requests, EveryEvent(cancels))
         for index, outcome in enumerate(outcomes):
             emit(index, outcome if isinstance(outcome, Exception) else ResultEvent(response=outcome))
@@ -234,6 +247,56 @@ class StreamThread(Generic[ItemT]):
             self.failure = exc
         finally:
             self._items.put(None)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A stream joining a running call: the index it is emitted under, its request, its cancel."""
+
+    index: int
+    request: BaseRequest[Any]
+    cancel: threading.Event
+
+
+class Arrivals:
+    """Streams that join a running `stream_batch` (a backend with `joins_running`), handed over between
+    the event loop, which offers them while the call runs, and the model's thread, which takes what it
+    has `room` for at a step boundary. Once closed (the call has ended) it takes no more; what it still
+    holds then goes back to the queue.
+    """
+
+    def __init__(self) -> None:
+        self.room = 0
+        """How many more rows the running call has space for; the backend keeps it current."""
+        self.taken: dict[int, Arrival] = {}
+        """Every arrival the call took, by its index."""
+        self._waiting: list[Arrival] = []
+        self._open = True
+        self._lock = threading.Lock()
+
+    def offer(self, index: int, request: BaseRequest[Any], cancel: threading.Event) -> bool:
+        """Hand `request` over, to be emitted under `index` (one the call has not used); False when the
+        call has ended or has no room for it."""
+        with self._lock:
+            if not self._open or len(self._waiting) >= self.room:
+                return False
+            self._waiting.append(Arrival(index, request, cancel))
+            return True
+
+    def take(self) -> list[Arrival]:
+        """What has arrived since the last take and is still wanted, in order."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        wanted = [arrival for arrival in waiting if not arrival.cancel.is_set()]
+        self.taken.update((arrival.index, arrival) for arrival in wanted)
+        return wanted
+
+    def close(self) -> list[int]:
+        """Take no more; the indices of what was offered and never taken."""
+        with self._lock:
+            self._open = False
+            waiting, self._waiting = self._waiting, []
+        return [arrival.index for arrival in waiting]
 
 
 class EveryEvent(threading.Event):

@@ -38,7 +38,17 @@ from PIL import Image
 
 from sheaf.api.diffusion import MAX_ADAPTER_WEIGHT, DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent
-from sheaf.backends.base import ADMITTED, BatchBackend, Cancelled, Emit, EveryEvent, elapsed_ms, loaded, torch_device
+from sheaf.backends.base import (
+    ADMITTED,
+    Arrivals,
+    BatchBackend,
+    Cancelled,
+    Emit,
+    EveryEvent,
+    elapsed_ms,
+    loaded,
+    torch_device,
+)
 from sheaf.backends.batch_invariance import per_sample_linears
 from sheaf.backends.images import crop_center, png_b64
 from sheaf.config import DeploymentConfig, ModelSource
@@ -196,7 +206,11 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         return [outcomes[index] for index in range(len(jobs))]
 
     def stream_batch(
-        self, requests: Sequence[DiffusionRequest], cancels: Sequence[threading.Event], emit: Emit
+        self,
+        requests: Sequence[DiffusionRequest],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,  # never given: flux does not join running calls
     ) -> None:
         """Each group of compatible requests in one denoising loop: a progress event per step for each
         of its requests still listening, a preview for those that asked, then each one's image."""

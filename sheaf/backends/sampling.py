@@ -1,6 +1,5 @@
-"""How a batch's rows pick and end their tokens: one request's progress through generate (`Decoding`),
-its own sampling (`Sampling`), the logits processor and stopping criteria that apply them row by row
-(`RowSampler`, `RowStopper`), and the streamer that releases each row's settled text as it comes (`RowsStreamer`).
+"""How a batch's rows pick and end their tokens: one request's progress through decoding (`Decoding`),
+with its own sampling (`Sampling`), so that a row's tokens do not depend on its batch-mates.
 
 A row's text never ends in part of a character (a trailing incomplete UTF-8 sequence is held back),
 and a stream also holds back what could be the start of a stop string until later tokens settle it.
@@ -9,13 +8,12 @@ and a stream also holds back what could be the start of a stop string until late
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from transformers import LogitsProcessor, PreTrainedTokenizerBase, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import PreTrainedTokenizerBase
 
 from sheaf.api.textgen import TextGenerationRequest
 from sheaf.exceptions import InvalidRequest
@@ -24,7 +22,8 @@ logger = logging.getLogger("sheaf.backends.sampling")
 
 
 class Decoding:
-    """One request's progress through generate: its new tokens, its text, and why it finished."""
+    """One request's progress through decoding: its new tokens, its text, what of it a stream has
+    been sent (`released`), and why it finished."""
 
     def __init__(
         self,
@@ -40,6 +39,7 @@ class Decoding:
         self.tokens: list[int] = []
         self.finish_reason: Literal["stop", "length"] | None = None
         self.failure: Exception | None = None  # this row's own work failed: its outcome, and it takes no more tokens
+        self.released = ""
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._stop_at: int | None = None  # where the first stop string begins in the decoded text
@@ -54,6 +54,26 @@ class Decoding:
     def fail(self, exc: Exception) -> None:
         logger.warning("request %s failed alone: %s: %s", self.request.request_id, type(exc).__name__, exc)
         self.failure = exc
+
+    def take(self, logits: torch.Tensor) -> bool:
+        """Pick the row's next token from its `logits` and take it; True once the row has finished.
+        A failure of this row's own sampling, decoding or stop scan fails the row alone."""
+        try:
+            return self.push(self.sampling.pick(logits))
+        except Exception as exc:
+            self.fail(exc)
+            return True
+
+    def release(self) -> str:
+        """The text settled since the last release: all of it once the row is done; before, none
+        of an incomplete character or of what could be the start of a stop string."""
+        text = self.text()
+        end = len(text) if self.done else len(text) - _stop_prefix(text, self.request.stop)
+        if end <= len(self.released) or not text.startswith(self.released):
+            return ""
+        piece = text[len(self.released) : end]
+        self.released += piece
+        return piece
 
     def push(self, token: int) -> bool:
         """Take the row's next token; True once the row has finished (later tokens are padding)."""
@@ -142,107 +162,6 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     kept = probs.clone()
     kept[order[mass_before >= top_p]] = 0.0
     return kept
-
-
-class RowSampler(LogitsProcessor):
-    """Chooses each row's next token itself and masks every other token, so greedy generate takes it.
-
-    A finished row gets padding (generate pads it anyway); a row whose pick fails is failed alone.
-    """
-
-    def __init__(self, rows: Sequence[Decoding], pad_id: int) -> None:
-        self._rows = rows
-        self._pad_id = pad_id
-
-    def _pick(self, row: Decoding, logits: torch.Tensor) -> int:
-        if row.done:
-            return self._pad_id
-        try:
-            return row.sampling.pick(logits)
-        except Exception as exc:
-            row.fail(exc)
-            return self._pad_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        picks = [self._pick(row, logits) for row, logits in zip(self._rows, scores, strict=True)]
-        forced = torch.full_like(scores, float("-inf"))
-        forced[torch.arange(len(picks), device=scores.device), torch.tensor(picks, device=scores.device)] = 0.0
-        return forced
-
-
-class RowStopper(StoppingCriteria):
-    """Feeds each row its new token and reports which rows are finished; all of them once `halt()` says so."""
-
-    def __init__(self, rows: Sequence[Decoding], halt: Callable[[], bool]) -> None:
-        self._rows = rows
-        self._halt = halt
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        finished = [_push(row, token) for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True)]
-        if self._halt():
-            finished = [True] * len(finished)
-        return torch.tensor(finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
-
-
-def _push(row: Decoding, token: int) -> bool:
-    """`row.push(token)`; a failure of this row's own decoding or stop scan fails the row alone."""
-    try:
-        return row.push(token)
-    except Exception as exc:
-        row.fail(exc)
-        return True
-
-
-class RowsStreamer(BaseStreamer):
-    """Runs in the generate thread: after each step, hands each row's newly settled text to
-    `release(row, piece)`, and calls `finished(row)` once, as soon as the row is done (its
-    batch-mates go on), or at `finish()` for a row that generate left unfinished.
-
-    Text is held back while it ends in an incomplete character or could be the start of a stop
-    string; a finished row's is released whole.
-    """
-
-    def __init__(
-        self, rows: Sequence[Decoding], release: Callable[[int, str], None], finished: Callable[[int], None]
-    ) -> None:
-        self.released = ["" for _ in rows]
-        self._rows = rows
-        self._release = release
-        self._finished = finished
-        self._ended = [False for _ in rows]
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate hands over the prompt first
-            self._prompt_seen = True
-            return
-        for row in range(len(self._rows)):
-            if not self._ended[row]:
-                self._settle(row, final=False)
-
-    def end(self) -> None:
-        """Nothing to do: whoever runs generate calls `finish` once it has returned."""
-
-    def finish(self) -> None:
-        """Release what every unfinished row still holds, and finish it."""
-        for row in range(len(self._rows)):
-            if not self._ended[row]:
-                self._settle(row, final=True)
-
-    def _settle(self, row: int, final: bool) -> None:
-        decoding = self._rows[row]
-        if decoding.failure is None:
-            text = decoding.text()  # `RowStopper` has already taken this step's token; no partial character
-            done = final or decoding.done
-            end = len(text) if done else len(text) - _stop_prefix(text, decoding.request.stop)
-            released = self.released[row]
-            if end > len(released) and text.startswith(released):
-                self.released[row] += text[len(released) : end]
-                self._release(row, text[len(released) : end])
-            if not done:
-                return
-        self._ended[row] = True
-        self._finished(row)
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

@@ -1,12 +1,12 @@
-"""Text generation with a transformers causal LM: batched, sampled per request, streamed.
+"""Text generation with a transformers causal LM: batched continuously, sampled per request, streamed.
 
-One `model.generate` call serves a whole batch, yet every row keeps its own settings
-(`sheaf.backends.sampling`): `RowSampler` picks each row's next token with that row's temperature, top_p and random
-generator (generate itself then only takes the one token left possible), and `RowStopper`
-ends each row at its own max_new_tokens, stop strings or EOS. So a request's text does not
-depend on which other requests shared its batch: the same seed gives the same text. A row
-whose own work fails (its sampling, its decoding) ends there with its error as its outcome;
-the rest of its batch goes on.
+Sheaf runs its own decoding loop over one KV cache (`sheaf.backends.decode_batch`) rather than
+`model.generate`, so that streams can join a running batch at a token boundary and every row
+can leave it at its own: each row picks its next token with its own temperature, top_p and
+random generator and ends at its own max_new_tokens, stop strings or EOS
+(`sheaf.backends.sampling`). So a request's text does not depend on which other requests
+shared its batch: the same seed gives the same text. A row whose own work fails (its
+sampling, its decoding) ends there with its error as its outcome; the rest of its batch goes on.
 
 Text never ends in part of a character: while the last tokens are an incomplete UTF-8
 sequence, that piece is held back, and a reply that ends inside a character (at its token
@@ -25,22 +25,14 @@ from typing import Any, Literal
 
 import jinja2
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import TextGenerationRequest, TextGenerationResponse
-from sheaf.backends.base import BatchBackend, Cancelled, Emit, elapsed_ms, loaded, torch_device
+from sheaf.backends.base import Arrivals, BatchBackend, Cancelled, Emit, elapsed_ms, loaded, torch_device
+from sheaf.backends.decode_batch import DecodeBatch
 from sheaf.backends.gguf import converted_gguf
-from sheaf.backends.sampling import Decoding, RowSampler, RowsStreamer, RowStopper, Sampling
+from sheaf.backends.sampling import Decoding, Sampling
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.options import TextGenerationOptions
@@ -51,11 +43,26 @@ logger = logging.getLogger("sheaf.backends.textgen")
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+class _Row:
+    """A request in the running batch: its decoding, the index its events go to, and its cancel."""
+
+    def __init__(self, index: int, decoding: Decoding, cancel: threading.Event) -> None:
+        self.index = index
+        self.decoding = decoding
+        self.cancel = cancel
+        self.sent = 0  # token events
+        self.started = time.perf_counter()  # reset when it joins the batch
+        self.batch_size = 0  # the most rows it decoded beside, itself included
+
+    @property
+    def listening(self) -> bool:
+        """Whether its stream still wants text: it has not left, and its own work has not failed."""
+        return not self.cancel.is_set() and self.decoding.failure is None
+
+
 class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationResponse, Decoding]):
     options_model = TextGenerationOptions
-    # A stream that arrived while a long generation ran would wait for all of it: rows cannot join
-    # a running generate call at a token boundary yet. Until they can, each stream runs on its own.
-    streams_alone = True
+    joins_running = True  # streams join a running batch at a token boundary (`DecodeBatch`)
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
@@ -83,19 +90,11 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, self.config.dtype))
         model.to(torch_device(self.config.device))  # type: ignore[arg-type]  # transformers wraps `to` untyped
         model.eval()  # type: ignore[no-untyped-call]
-        tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(f"{weights}: the tokenizer has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         self._eos_ids = _eos_ids(model, tokenizer)
-        # Sampling happens per row in `RowSampler`: the checkpoint's own defaults (temperature,
-        # repetition penalty ...) must not apply on top, so generate gets a neutral config.
-        model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=sorted(self._eos_ids) or None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
         self._context = _context_length(model, tokenizer)
         # No token stands for more characters than its vocabulary entry has, so a longer text cannot fit.
         self._max_prompt_chars = self._context * _longest_token(tokenizer)
@@ -121,78 +120,112 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
     # -- requests ----------------------------------------------------------------------------
 
     def predict(self, rows: Sequence[Decoding], cancel: threading.Event) -> list[TextGenerationResponse | Exception]:
-        failure: Exception | None = None
-        metadata: dict[str, Any] = {"batch_size": len(rows)}
-        started = time.perf_counter()
-        try:
-            self._generate(rows, cancel.is_set)  # `RowStopper` ends every row within a token of cancel
-        except Exception as exc:  # the model call failed for every row in it; invalid rows keep their own error
-            logger.exception("generate failed for a batch of %d", len(rows))
-            failure = exc
-        metadata["inference_ms"] = elapsed_ms(started)
+        outcomes: list[TextGenerationResponse | Exception] = [RuntimeError("no outcome")] * len(rows)
+
+        def finished(row: _Row) -> None:
+            outcomes[row.index] = row.decoding.failure or self._result(row)
+
+        self._decode([_Row(index, decoding, cancel) for index, decoding in enumerate(rows)], finished)
         if cancel.is_set():  # rows cut short have no answer; whoever cancelled answers the batch
             tokens = max(len(row.tokens) for row in rows)
             logger.info("predict batch of %d cancelled after %d tokens", len(rows), tokens)
             raise Cancelled(f"generation stopped after {tokens} tokens")
-        return [self._outcome(row, failure, metadata) for row in rows]
-
-    def _outcome(
-        self, row: Decoding, failure: Exception | None, metadata: dict[str, Any]
-    ) -> TextGenerationResponse | Exception:
-        if failure is not None:
-            return failure
-        if row.failure is not None:
-            return row.failure
-        return self._response(row, row.text(), row.finish_reason or "length", dict(metadata))
+        return outcomes
 
     def stream_batch(
-        self, requests: Sequence[TextGenerationRequest], cancels: Sequence[threading.Event], emit: Emit
+        self,
+        requests: Sequence[TextGenerationRequest],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,
     ) -> None:
-        """One generate call for the batch: each row's settled text goes to its stream as a token
-        event at every step, and its result as soon as it ends (at its own max_new_tokens, stop
-        string or EOS) while the others go on. Generation stops once every row has ended or left."""
+        """One decoding batch: each row's settled text goes to its stream as a token event at every
+        step, and its result as soon as it ends (at its own max_new_tokens, stop string or EOS) while
+        the others go on. Streams from `arrivals` join at a token boundary while there is room;
+        decoding stops once every row has ended or left and nobody is arriving."""
         rows, where = self.prepare_streams(requests, emit)
-        if not rows:
-            return
-        listening = [cancels[index] for index in where]
-        sent = [0] * len(rows)
-        started = time.perf_counter()
+        seated = [_Row(index, decoding, cancels[index]) for decoding, index in zip(rows, where, strict=True)]
 
-        def release(row: int, piece: str) -> None:
-            if not listening[row].is_set():
-                emit(where[row], TokenEvent(text=piece, index=sent[row]))
-                sent[row] += 1
+        def release(row: _Row, piece: str) -> None:
+            emit(row.index, TokenEvent(text=piece, index=row.sent))
+            row.sent += 1
 
-        def finished(row: int) -> None:
-            decoding = rows[row]
-            if decoding.failure is not None:  # this row's own sampling or decoding failed
-                emit(where[row], decoding.failure)
-                return
-            reason: FinishReason = decoding.finish_reason or "cancelled"
-            if reason == "cancelled" or listening[row].is_set():
+        def finished(row: _Row) -> None:
+            decoding = row.decoding
+            if decoding.failure is not None:  # this row's own sampling or decoding failed, or the model call
+                emit(row.index, decoding.failure)
+            elif decoding.finish_reason is None or row.cancel.is_set():
                 _log_cancelled(decoding)
-            if not listening[row].is_set():
-                metadata = {"batch_size": len(rows), "inference_ms": elapsed_ms(started)}
-                emit(
-                    where[row], ResultEvent(response=self._response(decoding, streamer.released[row], reason, metadata))
-                )
+            else:
+                emit(row.index, ResultEvent(response=self._result(row)))
 
-        streamer = RowsStreamer(rows, release, finished)
+        def arrived() -> list[_Row]:
+            joining: list[_Row] = []
+            for arrival in arrivals.take() if arrivals is not None else []:
+                prepared = self._prepared(arrival.request)  # type: ignore[arg-type]  # only this backend's requests
+                if isinstance(prepared, Exception):
+                    emit(arrival.index, prepared)
+                else:
+                    joining.append(_Row(arrival.index, prepared, arrival.cancel))
+            return joining
 
-        def halt() -> bool:
-            return all(row.done or cancel.is_set() for row, cancel in zip(rows, listening, strict=True))
+        if seated or arrivals is not None:
+            self._decode(seated, finished, release, arrived if arrivals is not None else None, arrivals)
 
+    def _decode(
+        self,
+        rows: list[_Row],
+        finished: Callable[[_Row], None],
+        release: Callable[[_Row, str], None] | None = None,
+        arrived: Callable[[], list[_Row]] | None = None,
+        arrivals: Arrivals | None = None,
+    ) -> None:
+        """Decode `rows` together, one token each per step, until every one has ended or left; each
+        one's settled text goes to `release` as it comes, and the row to `finished` once it ends. At
+        each step the rows `arrived()` returns join while `arrivals` has room for them."""
+        batch = DecodeBatch(self.model, self.tokenizer.pad_token_id)
+        active: list[_Row] = []
+        joining = rows
+        logits: torch.Tensor | None = None
+        room = self.config.batching.max_batch_size
         try:
-            self._generate(rows, halt, streamer)
+            while True:
+                if arrived is not None and arrivals is not None and batch.can_join:
+                    joining = joining + arrived()
+                    arrivals.room = room - len(active) - len(joining)
+                if joining:
+                    started = time.perf_counter()
+                    for row in joining:
+                        row.started = started
+                    joined = batch.add([row.decoding.prompt_ids for row in joining])
+                    logits = joined if logits is None else torch.cat([logits, joined])
+                    active, joining = active + joining, []
+                if not active or logits is None:
+                    return
+                ended = []
+                for row, row_logits in zip(active, logits, strict=True):
+                    row.batch_size = max(row.batch_size, len(active))
+                    ended.append(row.cancel.is_set() or row.decoding.take(row_logits))
+                    if release is not None and row.listening and (piece := row.decoding.release()):
+                        release(row, piece)
+                    if ended[-1]:
+                        finished(row)
+                going = [position for position, end in enumerate(ended) if not end]
+                batch.keep(going)
+                active = [active[position] for position in going]
+                logits = batch.step([row.decoding.tokens[-1] for row in active]) if active else None
         except Exception as exc:  # the model call failed: every row still open gets the error
-            logger.exception("generate failed for a batch of %d", len(rows))
-            for decoding in rows:
-                if not decoding.done:
-                    decoding.failure = exc
-        streamer.finish()
+            logger.exception("decoding failed for a batch of %d", len(active) + len(joining))
+            for row in active + joining:
+                row.decoding.failure = row.decoding.failure or exc
+                finished(row)
+
+    def _result(self, row: _Row) -> TextGenerationResponse:
+        metadata = {"batch_size": row.batch_size, "inference_ms": elapsed_ms(row.started)}
+        return self._response(row.decoding, row.decoding.text(), row.decoding.finish_reason or "length", metadata)
 
     def prepare(self, request: TextGenerationRequest) -> Decoding:
-        """The request's row for generate."""
+        """The request's row in a decoding batch."""
         prompt_ids = self._encode(request)
         sampling = Sampling.of(request)
         return Decoding(self.tokenizer, request, prompt_ids, self._eos_ids, sampling)
@@ -240,26 +273,6 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
             raise InvalidRequest("messages", str(exc)) from exc
         # The template writes the model's special tokens itself; adding them again would double the BOS.
         return list(tokenizer(str(rendered), add_special_tokens=False, verbose=False)["input_ids"])
-
-    def _generate(
-        self, rows: Sequence[Decoding], halt: Callable[[], bool] = lambda: False, streamer: BaseStreamer | None = None
-    ) -> None:
-        """One left-padded generate call for all rows; each row's outcome lands in its `Decoding`."""
-        model = self.model
-        pad_id = self.tokenizer.pad_token_id
-        width = max(len(row.prompt_ids) for row in rows)
-        padding = [width - len(row.prompt_ids) for row in rows]
-        input_ids = [[pad_id] * pad + row.prompt_ids for pad, row in zip(padding, rows, strict=True)]
-        attention_mask = [[0] * pad + [1] * len(row.prompt_ids) for pad, row in zip(padding, rows, strict=True)]
-        model.generate(  # type: ignore[operator]  # causal LM classes mix generate into PreTrainedModel
-            input_ids=torch.tensor(input_ids, device=model.device),
-            attention_mask=torch.tensor(attention_mask, device=model.device),
-            max_new_tokens=max(row.request.max_new_tokens for row in rows),
-            do_sample=False,  # `RowSampler` leaves a single possible token per row
-            logits_processor=LogitsProcessorList([RowSampler(rows, pad_id)]),
-            stopping_criteria=StoppingCriteriaList([RowStopper(rows, halt)]),
-            streamer=streamer,
-        )
 
     def _response(
         self, decoding: Decoding, text: str, finish_reason: FinishReason, metadata: dict[str, Any]

@@ -13,6 +13,7 @@ import pytest
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 from sheaf.backends import gguf
+from sheaf.backends.base import Arrivals
 from sheaf.backends.sampling import Sampling
 from sheaf.backends.textgen import TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
@@ -176,6 +177,59 @@ def test_a_stream_that_leaves_its_generate_call_hears_nothing_more(backend: Text
     backend.stream_batch(batch, cancels, emit)
     assert len(got[0]) == 2 and all(isinstance(event, TokenEvent) for event in got[0])
     assert isinstance(got[1][-1], ResultEvent) and essentials(got[1][-1].response) == expected
+
+
+def test_streams_join_a_running_batch_at_a_token_boundary_and_decode_as_alone(
+    backend: TextGenerationBackend,
+) -> None:
+    first = request(max_new_tokens=60, request_id="first")
+    late = [
+        request(prompt="Why is the sky blue?", max_new_tokens=8, request_id="late-0"),
+        request(prompt="My sister paints", max_new_tokens=12, temperature=0.9, seed=3, request_id="late-1"),
+        request(max_new_tokens=LIMIT + 1, request_id="refused"),  # refused alone, at its join
+    ]
+    alone = {req.request_id: stream(backend, req) for req in [first, *late[:2]]}
+    arrivals = Arrivals()
+    got: dict[int, list[Any]] = {index: [] for index in range(4)}
+
+    def emit(index: int, event: Any) -> None:
+        got[index].append(event)
+        if index == 0 and len(got[0]) == 3:  # the first row is three tokens in: the others arrive
+            for offset, req in enumerate(late, start=1):
+                assert arrivals.offer(offset, req, threading.Event())
+
+    backend.stream_batch([first], [threading.Event()], emit, arrivals)
+    assert len(got[3]) == 1 and isinstance(got[3][0], InvalidRequest)
+    for index, req in enumerate([first, *late[:2]]):
+        *pieces, last = got[index]
+        tokens, response = alone[req.request_id]
+        assert isinstance(last, ResultEvent) and isinstance(last.response, TextGenerationResponse)
+        assert essentials(last.response) == essentials(response), req.request_id  # as alone
+        assert [piece.text for piece in pieces] == [token.text for token in tokens]
+    assert got[1][-1].response.metadata["batch_size"] == 3  # the joined ones decoded beside the first
+    assert arrivals.close() == []  # nothing left behind
+    assert sorted(arrivals.taken) == [1, 2, 3]
+
+
+def test_arrivals_join_only_while_the_batch_has_room(tiny_model: Path) -> None:
+    config = DeploymentConfig(
+        name="textgen",
+        model=ModelSource(path=str(tiny_model)),
+        batching={"max_batch_size": 2},
+        options={"max_new_tokens_limit": LIMIT},
+    )
+    small = TextGenerationBackend(config)
+    small.load()
+    arrivals = Arrivals()
+    offered: list[bool] = []
+
+    def emit(index: int, event: Any) -> None:
+        if index == 0 and not offered:
+            offered.extend(arrivals.offer(i, request(request_id=f"r{i}"), threading.Event()) for i in (2, 3))
+
+    small.stream_batch([request(max_new_tokens=20)], [threading.Event()], emit, arrivals)
+    assert offered == [True, False]  # one more row fits beside the running one; the second waits its turn
+    assert arrivals.close() == [] and sorted(arrivals.taken) == [2]
 
 
 def test_the_seed_decides_the_sample(backend: TextGenerationBackend) -> None:
