@@ -347,7 +347,8 @@ def test_a_quiet_started_stream_gets_heartbeats_that_clients_skip(server: Server
     with httpx.stream("POST", f"{server.url}/textgen/stream", json=body, timeout=60) as response:
         wire = response.read().decode()
     frames = wire.split("\n\n")[:-1]
-    assert frames[0].startswith("data: ")  # nothing before the first event: it may still be an HTTP error
+    # Nothing before the stream passed its checks (until then it may still be an HTTP error), then it says so.
+    assert frames[0] == ": accepted"
     assert frames.count(": heartbeat") >= 4  # the test server beats every 0.3 s
     assert SSEDecoder().feed(wire)[-1]["type"] == "result"
     with SheafClient(server.url) as client:

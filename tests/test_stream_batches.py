@@ -13,13 +13,14 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 from PIL import Image
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server
+from tests.conftest import Server, speak
 
 FOX = {"model_type": "diffusion", "prompt": "a fox", "height": 32, "width": 32, "num_inference_steps": 4}
 BLOCKER = {**FOX, "num_inference_steps": 120, "request_id": "blocker"}
@@ -276,3 +277,31 @@ def test_textgen_streams_and_predicts_share_a_batch_and_answer_as_alone(server: 
     expected = solo_predicts(server, "textgen", streamed + predicted)
     got = [text(events) for events in streams] + [response.json()["text"] for response in predicts]
     assert got == [answer["text"] for answer in expected]
+
+
+def test_concurrent_whisper_streams_share_a_batch_and_each_gets_its_own_segments(
+    server: Server, tmp_path: Path
+) -> None:
+    texts = [
+        "Please send the report to my office before noon on Friday.",
+        "My brother bought a new car last week and drove it to the city.",
+        "Thank you very much for your help with the project.",
+        "It is important to drink water and sleep well every night.",
+    ]
+    clips = [base64.b64encode(speak(text, tmp_path / f"clip-{i}.wav")).decode() for i, text in enumerate(texts)]
+    bodies = [{"audio_b64": clip, "request_id": f"wh-{i}"} for i, clip in enumerate(clips)]
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(stream(client, "whisper", body) for body in bodies))
+
+    streams = asyncio.run(run())
+    for events, spoken in zip(streams, texts, strict=True):
+        *segments, result = events
+        assert result["type"] == "result" and [event["type"] for event in segments] == ["segment"] * len(segments)
+        assert [event["segment"] for event in segments] == result["segments"]  # sent as they decoded
+        said, heard = (set(re.findall(r"[a-z]+", text.lower())) for text in (spoken, result["text"]))
+        assert len(said & heard) >= 0.7 * len(said), (spoken, result["text"])  # its own clip's words
+        assert result["metadata"]["batched"] is True
+    # The first one runs alone while the rest queue behind it; those leave in one call.
+    assert max(events[-1]["metadata"]["batch_size"] for events in streams) > 1

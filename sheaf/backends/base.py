@@ -102,8 +102,9 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         """Raise what `request` alone would hit before the model runs (`InvalidRequest` ...), so that a
         stream can be refused, or accepted, before it queues for a batch. The default checks nothing."""
 
-    streams_alone: ClassVar[bool] = False
-    """True: each stream runs `stream` on its own thread; its streams share no model call."""
+    streams_alone: bool = False
+    """True: each stream runs `stream` on its own thread; its streams share no model call (a backend may
+    decide per deployment, in its `__init__`)."""
 
     joins_running: ClassVar[bool] = False
     """True: `stream_batch` takes streams from its `arrivals` while it runs, and every batch runs it."""

@@ -13,8 +13,10 @@ Two ways to run a batch, chosen by the `batched` option:
 - sequential: each clip goes through `WhisperModel.transcribe` in turn (Whisper's own sliding
   30 s windows, each conditioned on the previous window's text).
 
-`stream` always decodes sequentially, since that is what yields segments window by window; so a
-clip's streamed segments can differ a little from its predicted ones under the batched default.
+Streams follow the same mode. Batched, streams share batches as predicts do (`stream_batch`):
+each clip's segments go to its stream as each pipeline call decodes them, so a stream's
+segments are its predict's. Sequential, each stream decodes on its own, window by window
+(Whisper's own sliding windows are what yields segments as they decode).
 
 Cancelling: CTranslate2 cannot stop a call once begun, so work stops at the next boundary: the next
 30 s window when sequential (stream or predict), the next pipeline call (a few pieces) when batched.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +37,17 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.events import ResultEvent, SegmentEvent, StreamEvent
 from sheaf.backends.audio import SAMPLE_RATE, Audio, decode_request_audio
-from sheaf.backends.base import ADMITTED, Admitted, BatchBackend, Cancelled, elapsed_ms, loaded
+from sheaf.backends.base import (
+    ADMITTED,
+    Admitted,
+    Arrivals,
+    BatchBackend,
+    Cancelled,
+    Emit,
+    EveryEvent,
+    elapsed_ms,
+    loaded,
+)
 from sheaf.backends.segments import Piece, cut_into_pieces, lay_out, renumbered, segments_by_piece, to_segment
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
@@ -78,12 +90,13 @@ class _Transcript:
 
 class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _Clip]):
     options_model = WhisperOptions
-    streams_alone = True  # each stream decodes on its own: its segments do not yet share a batch
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
         self._options: WhisperOptions = self.options()
         self._batched = BATCHED_BY_DEFAULT if self._options.batched is None else self._options.batched
+        # Sequential decoding yields a clip's segments window by window, one clip at a time: its streams run alone.
+        self.streams_alone = not self._batched
         self._model: WhisperModel | None = None
         self._pieces_per_call = PIECES_PER_CALL["cpu"]
 
@@ -150,9 +163,59 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
     ) -> TranscriptionResponse | Exception:
         if isinstance(result, Exception):
             return result
-        return self._response(clip, result, {**metadata, "decode_ms": clip.decode_ms})
+        return _response(clip, result, {**metadata, "decode_ms": clip.decode_ms})
 
     def stream(self, request: TranscriptionRequest, cancel: threading.Event) -> Iterator[StreamEvent | Admitted]:
+        """Batched: `stream_batch` for this clip alone; sequential: each 30 s window's segments as it decodes."""
+        if self._batched:
+            return super().stream(request, cancel)
+        return self._stream_sequentially(request, cancel)
+
+    def stream_batch(
+        self,
+        requests: Sequence[TranscriptionRequest],
+        cancels: Sequence[threading.Event],
+        emit: Emit,
+        arrivals: Arrivals | None = None,  # never given: whisper does not join running calls
+    ) -> None:
+        """Batched: the pieces of every clip in the batch through the pipeline a few at a time, as
+        predicts go; each clip's segments go to its stream as each call decodes them, and its result
+        once its last piece is decoded. Pieces of a clip whose stream has left are not decoded.
+        Sequential: the default (one result each, from `predict_batch`)."""
+        if not self._batched:
+            super().stream_batch(requests, cancels, emit)
+            return
+        clips, where = self.prepare_streams(requests, emit)
+        listening = [cancels[index] for index in where]
+
+        def send(row: int, event: StreamEvent | Exception) -> None:
+            if not listening[row].is_set():
+                emit(where[row], event)
+
+        started = time.perf_counter()
+        try:
+            languages, failures, groups = self._grouped(clips, EveryEvent(listening))
+        except Cancelled:
+            logger.info("stream batch of %d cancelled before decoding", len(clips))
+            return
+        for row, exc in failures.items():
+            send(row, exc)
+        for members in groups.values():
+            run = _GroupStream(clips, members, languages, send, started)
+            try:
+                for decoded in self._decoded_calls(
+                    run.language, clips[members[0]].request, run.pieces, lambda p: not listening[p.clip].is_set()
+                ):
+                    run.decoded(decoded)
+            except Exception as exc:  # the model call failed for every clip of the group still open
+                logger.exception("batched transcription failed for %d clips", len(members))
+                run.fail(exc)
+            if run.unfinished and all(event.is_set() for event in listening):
+                logger.info("stream batch of %d cancelled", len(clips))
+
+    def _stream_sequentially(
+        self, request: TranscriptionRequest, cancel: threading.Event
+    ) -> Iterator[StreamEvent | Admitted]:
         clip = self.prepare(request)
         language = self._language(request)
         yield ADMITTED  # the first window takes seconds to decode: say at once that it is accepted
@@ -191,7 +254,7 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
             "decode_ms": clip.decode_ms,
         }
         transcript = _Transcript(streamed, info.language, float(info.language_probability))
-        yield ResultEvent(response=self._response(clip, transcript, metadata))
+        yield ResultEvent(response=_response(clip, transcript, metadata))
 
     def prepare(self, request: TranscriptionRequest) -> _Clip:
         self._language(request)  # a bad language is refused before decoding any audio
@@ -233,18 +296,8 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
 
     def _transcribe_batched(self, clips: Sequence[_Clip], cancel: threading.Event) -> list[_Transcript | Exception]:
         """One pipeline call per group of clips that decode with the same settings."""
-        languages: dict[int, tuple[str, float]] = {}
-        segments: dict[int, list[Segment] | Exception] = {}
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for index, clip in enumerate(clips):
-            _stop_if(cancel, "before language detection")
-            try:
-                languages[index] = self._resolved_language(clip)
-            except Exception as exc:  # this clip's failure alone
-                logger.exception("language detection failed for request %s", clip.request.request_id)
-                segments[index] = exc
-                continue
-            groups.setdefault(_group_key(clip.request, languages[index][0]), []).append(index)
+        languages, failures, groups = self._grouped(clips, cancel)
+        segments: dict[int, list[Segment] | Exception] = dict(failures)
         for members in groups.values():
             try:
                 language = languages[members[0]][0]
@@ -259,6 +312,25 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
             for index, found in sorted(segments.items())
         ]
 
+    def _grouped(
+        self, clips: Sequence[_Clip], cancel: threading.Event
+    ) -> tuple[dict[int, tuple[str, float]], dict[int, Exception], dict[tuple[Any, ...], list[int]]]:
+        """Each clip's language, the clips that failed to find one (their own failure), and the clips
+        grouped by their decoding settings."""
+        languages: dict[int, tuple[str, float]] = {}
+        failures: dict[int, Exception] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, clip in enumerate(clips):
+            _stop_if(cancel, "before language detection")
+            try:
+                languages[index] = self._resolved_language(clip)
+            except Exception as exc:  # this clip's failure alone
+                logger.exception("language detection failed for request %s", clip.request.request_id)
+                failures[index] = exc
+                continue
+            groups.setdefault(_group_key(clip.request, languages[index][0]), []).append(index)
+        return languages, failures, groups
+
     def _resolved_language(self, clip: _Clip) -> tuple[str, float]:
         """The request's language, or the one detected on this clip alone (the pipeline would detect one
         language for the whole batch)."""
@@ -272,21 +344,31 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
         self, language: str, clips: Sequence[_Clip], indices: Sequence[int], cancel: threading.Event
     ) -> dict[int, list[Segment]]:
         """Every piece of these clips, a few at a time (memory stays bounded whatever the clips' length)."""
-        request = clips[0].request  # every clip in a group decodes the same way
-        pieces = [
-            piece
-            for clip, index in zip(clips, indices, strict=True)
-            for piece in cut_into_pieces(clip.audio, clip.request.vad_filter, index)
-        ]
         found: dict[int, list[Segment]] = {index: [] for index in indices}
-        for first in range(0, len(pieces), self._pieces_per_call):
-            # A pipeline call cannot be stopped once begun (CTranslate2 decodes its pieces in one go): check between.
-            _stop_if(cancel, f"after {first} of {len(pieces)} pieces")
-            for piece, segments in self._decode_pieces(
-                language, request, pieces[first : first + self._pieces_per_call]
-            ):
+        for decoded in self._decoded_calls(language, clips[0].request, _pieces(clips, indices), cancel=cancel):
+            for piece, segments in decoded:
                 found[piece.clip].extend(segments)
         return {index: renumbered(segments) for index, segments in found.items()}
+
+    def _decoded_calls(
+        self,
+        language: str,
+        request: TranscriptionRequest,
+        pieces: Sequence[Piece],
+        wanted: Callable[[Piece], bool] = lambda _: True,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[list[tuple[Piece, list[Segment]]]]:
+        """The pieces (of clips that decode like `request`) a few per pipeline call, each call's
+        segments as it returns; pieces no longer `wanted` when their call comes are left out."""
+        remaining = list(pieces)
+        done = 0
+        while remaining := [piece for piece in remaining if wanted(piece)]:
+            # A pipeline call cannot be stopped once begun (CTranslate2 decodes its pieces in one go): check between.
+            if cancel is not None:
+                _stop_if(cancel, f"after {done} of {len(pieces)} pieces")
+            call, remaining = remaining[: self._pieces_per_call], remaining[self._pieces_per_call :]
+            yield self._decode_pieces(language, request, call)
+            done += len(call)
 
     def _decode_pieces(
         self, language: str, request: TranscriptionRequest, pieces: Sequence[Piece]
@@ -304,23 +386,87 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
         )
         return segments_by_piece(raw_segments, pieces, self.model.frames_per_second)
 
-    # -- responses ---------------------------------------------------------------------------
 
-    def _response(self, clip: _Clip, transcript: _Transcript, metadata: dict[str, Any]) -> TranscriptionResponse:
-        request = clip.request
-        return TranscriptionResponse(
-            request_id=request.request_id,
-            model_name=request.model_name,
-            text="".join(segment.text for segment in transcript.segments).strip(),
-            language=transcript.language,
-            language_probability=transcript.language_probability,
-            duration=clip.duration,
-            segments=transcript.segments,
-            metadata=metadata,
-        )
+class _GroupStream:
+    """One group's streams while its pieces decode: each clip's segments numbered and sent as they
+    come, its result once its last piece is decoded."""
+
+    def __init__(
+        self,
+        clips: Sequence[_Clip],
+        members: list[int],
+        languages: dict[int, tuple[str, float]],
+        send: Callable[[int, StreamEvent | Exception], None],
+        started: float,
+    ) -> None:
+        self.language = languages[members[0]][0]
+        self.pieces = _pieces([clips[row] for row in members], members)
+        self._clips = clips
+        self._languages = languages
+        self._send = send
+        self._started = started
+        self._found: dict[int, list[Segment]] = {row: [] for row in members}
+        self._left = {row: sum(piece.clip == row for piece in self.pieces) for row in members}
+        for row in members:
+            if self._left[row] == 0:  # nothing to decode (silence under VAD): its result at once
+                self._finish(row)
+
+    @property
+    def unfinished(self) -> bool:
+        return any(self._left.values())
+
+    def decoded(self, decoded: list[tuple[Piece, list[Segment]]]) -> None:
+        for piece, segments in decoded:
+            found = self._found[piece.clip]
+            for segment in segments:
+                found.append(segment.model_copy(update={"id": len(found) + 1}))  # as `renumbered` numbers them
+                self._send(piece.clip, SegmentEvent(segment=found[-1]))
+            self._left[piece.clip] -= 1
+            if self._left[piece.clip] == 0:
+                self._finish(piece.clip)
+
+    def fail(self, exc: Exception) -> None:
+        for row, left in self._left.items():
+            if left:
+                self._left[row] = 0
+                self._send(row, exc)
+
+    def _finish(self, row: int) -> None:
+        clip = self._clips[row]
+        metadata = {
+            "batch_size": len(self._clips),
+            "inference_ms": elapsed_ms(self._started),
+            "batched": True,
+            "decode_ms": clip.decode_ms,
+        }
+        transcript = _Transcript(self._found[row], *self._languages[row])
+        self._send(row, ResultEvent(response=_response(clip, transcript, metadata)))
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _response(clip: _Clip, transcript: _Transcript, metadata: dict[str, Any]) -> TranscriptionResponse:
+    request = clip.request
+    return TranscriptionResponse(
+        request_id=request.request_id,
+        model_name=request.model_name,
+        text="".join(segment.text for segment in transcript.segments).strip(),
+        language=transcript.language,
+        language_probability=transcript.language_probability,
+        duration=clip.duration,
+        segments=transcript.segments,
+        metadata=metadata,
+    )
+
+
+def _pieces(clips: Sequence[_Clip], indices: Sequence[int]) -> list[Piece]:
+    """The clips cut into pieces for the pipeline, each marked with its index."""
+    return [
+        piece
+        for clip, index in zip(clips, indices, strict=True)
+        for piece in cut_into_pieces(clip.audio, clip.request.vad_filter, index)
+    ]
 
 
 def _decoding_arguments(request: TranscriptionRequest, language: str | None) -> dict[str, Any]:

@@ -574,6 +574,62 @@ def test_batched_cuts_long_clips_into_windows(batched: WhisperBackend, long_clip
     assert all(segment.end <= response.duration + 0.5 for segment in response.segments)
 
 
+def test_batched_streams_share_pipeline_calls_and_send_their_predicts_segments(
+    batched: WhisperBackend, long_clip: bytes, sentences: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [request(long_clip), request("not base64 at all"), request(sentences[0][1])]
+    predicted = batched.predict_batch(batch)
+    calls: list[list[int]] = []
+    decode = batched._decode_pieces
+
+    def counted(language: str, req: TranscriptionRequest, pieces: Any) -> Any:
+        calls.append([piece.clip for piece in pieces])
+        return decode(language, req, pieces)
+
+    monkeypatch.setattr(batched, "_decode_pieces", counted)
+    got: dict[int, list[Any]] = {0: [], 1: [], 2: []}
+    batched.stream_batch(batch, [threading.Event() for _ in batch], lambda index, event: got[index].append(event))
+    assert len(got[1]) == 1 and isinstance(got[1][0], InvalidRequest)  # refused alone
+    assert len(calls) == 1 and sorted(set(calls[0])) == [0, 1]  # both clips' pieces in one pipeline call
+    for index, answer in ((0, predicted[0]), (2, predicted[2])):
+        *segments, result = got[index]
+        assert isinstance(answer, TranscriptionResponse)
+        assert isinstance(result, ResultEvent) and isinstance(result.response, TranscriptionResponse)
+        assert [event.segment for event in segments] == result.response.segments == answer.segments
+        assert result.response.text == answer.text and result.response.metadata["batch_size"] == 2
+
+
+def test_a_batched_stream_that_left_has_no_pieces_decoded(
+    batched: WhisperBackend, long_clip: bytes, sentences: list[tuple[str, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [request(long_clip), request(sentences[1][1])]
+    decoded: list[int] = []
+    decode = batched._decode_pieces
+
+    def counted(language: str, req: TranscriptionRequest, pieces: Any) -> Any:
+        decoded.extend(piece.clip for piece in pieces)
+        return decode(language, req, pieces)
+
+    monkeypatch.setattr(batched, "_decode_pieces", counted)
+    cancels = [threading.Event(), threading.Event()]
+    cancels[0].set()  # its client left before its pieces came up
+    got: list[tuple[int, Any]] = []
+    batched.stream_batch(batch, cancels, lambda index, event: got.append((index, event)))
+    assert set(decoded) == {1} and {index for index, _ in got} == {1}
+    assert isinstance(got[-1][1], ResultEvent)
+    assert word_error_rate(sentences[1][0], got[-1][1].response.text) <= MAX_WER
+
+
+def test_a_batched_stream_alone_is_its_predict(
+    batched: WhisperBackend, sequential: WhisperBackend, sentences: list[tuple[str, bytes]]
+) -> None:
+    req = request(sentences[2][1], word_timestamps=True)
+    segments, streamed = stream(batched, req)
+    predicted = predict(batched, req)
+    assert segments == streamed.segments == predicted.segments and streamed.text == predicted.text
+    assert batched.streams_alone is False and sequential.streams_alone is True  # sequential streams decode alone
+
+
 def test_quiet_cuts_cover_the_clip_and_fall_in_pauses() -> None:
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, 75 * 16000).astype(np.float32)
     for pause in (27.0, 54.0):  # seconds; the second within 5 s before the first cut's 30 s limit
