@@ -52,6 +52,7 @@ class Stamped(Backend[Any, Any]):
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,
+        streaming: Sequence[bool] | None = None,
     ) -> None:
         sent: defaultdict[int, int] = defaultdict(int)
         joined = arrivals.taken if arrivals is not None else {}
@@ -64,7 +65,7 @@ class Stamped(Backend[Any, Any]):
             emit(index, event)
 
         try:
-            super().stream_batch(requests, cancels, stamped, arrivals)
+            super().stream_batch(requests, cancels, stamped, arrivals, streaming)
         finally:  # the model work of the whole batch has ended
             for request in [*requests, *(arrival.request for arrival in joined.values())]:
                 stamp(request.request_id, "stop", -1)

@@ -225,9 +225,9 @@ class Deployment:
         self.running = running
         failed: Exception | None = None
         try:
-            await asyncio.to_thread(
-                self.backend.stream_batch, requests, cancels, emit, running.arrivals if running else None
-            )
+            arrivals = running.arrivals if running else None
+            streaming = [seat is not None for seat in seats]
+            await asyncio.to_thread(self.backend.stream_batch, requests, cancels, emit, arrivals, streaming)
         except Exception as exc:  # the model call itself failed: every request of it still open gets the error
             if not isinstance(exc, Cancelled):
                 logger.exception("batch of %d failed on %s", len(requests), self.config.name)

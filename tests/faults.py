@@ -48,6 +48,7 @@ class InjectsFaults(Backend[Any, Any]):
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,
+        streaming: Sequence[bool] | None = None,
     ) -> None:
         sent: defaultdict[int, int] = defaultdict(int)
         failed: set[int] = set()
@@ -79,7 +80,7 @@ class InjectsFaults(Backend[Any, Any]):
             sent[index] += 1
             emit(index, event)
 
-        super().stream_batch(requests, cancels, inject, arrivals)
+        super().stream_batch(requests, cancels, inject, arrivals, streaming)
 
     def predict_batch(
         self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None

@@ -18,7 +18,8 @@ A `Backend` is what a deployment calls:
   `predict_batch`, so a backend streams in batches with no code of its own. A backend that
   sets `joins_running` also takes the streams that arrive while its call runs, from
   `arrivals`, at a step boundary (continuous batching); they are emitted under the indices
-  `arrivals` gives them.
+  `arrivals` gives them. `streaming[index]` False marks a predict that shares the call: it
+  needs its result only, and the backend may skip its other events (None: all stream).
 - `stream(request, cancel)` yields one request's events as the model produces them, ending
   with a `ResultEvent`; the default runs `stream_batch` for it alone. A backend that sets
   `streams_alone` has each of its streams run `stream` on a thread of its own, sharing no
@@ -115,6 +116,7 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,
+        streaming: Sequence[bool] | None = None,
     ) -> None:
         outcomes = self.predict_batch(requests, EveryEvent(cancels))
         for index, outcome in enumerate(outcomes):

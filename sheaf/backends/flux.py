@@ -211,9 +211,10 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,  # never given: flux does not join running calls
+        streaming: Sequence[bool] | None = None,
     ) -> None:
         """Each group of compatible requests in one denoising loop: a progress event per step for each
-        of its requests still listening, a preview for those that asked, then each one's image."""
+        of its streams still listening, a preview for those that asked, then each one's image."""
         jobs, indices = self.prepare_streams(requests, emit)
         for index in indices:
             emit(index, ADMITTED)  # the adapter lock may keep it waiting: say at once that it is accepted
@@ -223,7 +224,10 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
             def progress(row: int, event: ProgressEvent, where: list[int] = where) -> None:
                 emit(where[row], event)
 
-            run = self._run_group(key, [jobs[member] for member in members], [cancels[i] for i in where], progress)
+            watching = [streaming is None or streaming[i] for i in where]  # a predict gets no progress or previews
+            run = self._run_group(
+                key, [jobs[member] for member in members], [cancels[i] for i in where], progress, watching
+            )
             for row, (index, result) in enumerate(zip(where, run.outcomes, strict=True)):
                 if result is None:  # its client left (or every one of the group did)
                     steps = run.left[row] or run.steps
@@ -246,9 +250,10 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         group: list[_Job],
         cancels: Sequence[threading.Event],
         progress: Callable[[int, ProgressEvent], None] | None = None,
+        watching: Sequence[bool] | None = None,
     ) -> _GroupRun:
         """One pipeline call for `group`, stopped within a step once every cancel is set. With
-        `progress`, each step's event goes to every job still listening."""
+        `progress`, each step's event goes to every job still listening that is `watching` (all by default)."""
         shape, selection = key
         everyone_gone = EveryEvent(cancels)
         run = _GroupRun([None] * len(group), [0] * len(group))
@@ -264,7 +269,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
                 every = job.request.preview_every
                 if cancel.is_set():
                     run.left[row] = run.left[row] or run.steps
-                else:
+                elif watching is None or watching[row]:
                     preview = self._preview(latents[row : row + 1], shape) if every and run.steps % every == 0 else None
                     progress(row, ProgressEvent(step=run.steps, total_steps=shape.steps, preview_b64=preview))
 

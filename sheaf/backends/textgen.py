@@ -46,18 +46,19 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class _Row:
     """A request in the running batch: its decoding, the index its events go to, and its cancel."""
 
-    def __init__(self, index: int, decoding: Decoding, cancel: threading.Event) -> None:
+    def __init__(self, index: int, decoding: Decoding, cancel: threading.Event, streaming: bool = True) -> None:
         self.index = index
         self.decoding = decoding
         self.cancel = cancel
+        self.streaming = streaming  # False: a predict, which needs no token events
         self.sent = 0  # token events
         self.started = time.perf_counter()  # reset when it joins the batch
         self.batch_size = 0  # the most rows it decoded beside, itself included
 
     @property
     def listening(self) -> bool:
-        """Whether its stream still wants text: it has not left, and its own work has not failed."""
-        return not self.cancel.is_set() and self.decoding.failure is None
+        """Whether its stream still wants text: it streams, has not left, and its own work has not failed."""
+        return self.streaming and not self.cancel.is_set() and self.decoding.failure is None
 
 
 class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationResponse, Decoding]):
@@ -138,13 +139,17 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,
+        streaming: Sequence[bool] | None = None,
     ) -> None:
         """One decoding batch: each row's settled text goes to its stream as a token event at every
         step, and its result as soon as it ends (at its own max_new_tokens, stop string or EOS) while
         the others go on. Streams from `arrivals` join at a token boundary while there is room;
         decoding stops once every row has ended or left and nobody is arriving."""
         rows, where = self.prepare_streams(requests, emit)
-        seated = [_Row(index, decoding, cancels[index]) for decoding, index in zip(rows, where, strict=True)]
+        seated = [
+            _Row(index, decoding, cancels[index], streaming is None or streaming[index])
+            for decoding, index in zip(rows, where, strict=True)
+        ]
 
         def release(row: _Row, piece: str) -> None:
             emit(row.index, TokenEvent(text=piece, index=row.sent))

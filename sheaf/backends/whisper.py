@@ -177,6 +177,7 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
         cancels: Sequence[threading.Event],
         emit: Emit,
         arrivals: Arrivals | None = None,  # never given: whisper does not join running calls
+        streaming: Sequence[bool] | None = None,  # a predict's segments are cheap: every clip gets them
     ) -> None:
         """Batched: the pieces of every clip in the batch through the pipeline a few at a time, as
         predicts go; each clip's segments go to its stream as each call decodes them, and its result

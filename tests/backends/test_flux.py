@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import ProgressEvent, ResultEvent
-from sheaf.backends.base import ADMITTED, Cancelled
+from sheaf.backends.base import ADMITTED, Admitted, Cancelled
 from sheaf.backends.flux import FluxBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
@@ -442,6 +442,26 @@ class Collected:
 
     def steps(self, index: int) -> list[int]:
         return [event.step for event in self.events[index] if isinstance(event, ProgressEvent)]
+
+
+def test_a_predict_sharing_a_loop_gets_no_progress_and_no_previews_decoded(
+    backend: FluxBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = [request(seed=1, preview_every=1), request(seed=2, preview_every=2)]
+    expected = [pixels(predict(backend, req)) for req in requests]
+    decoded: list[int] = []
+    preview = backend._preview
+
+    def counted(latents: Any, shape: Any) -> Any:
+        decoded.append(1)
+        return preview(latents, shape)
+
+    monkeypatch.setattr(backend, "_preview", counted)
+    got = Collected(len(requests))
+    backend.stream_batch(requests, got.cancels, got.emit, None, [False, True])  # the first is a predict
+    assert [type(event) for event in got.events[0]] == [Admitted, ResultEvent]
+    assert got.steps(1) == [1, 2, 3, 4] and len(decoded) == 2  # the stream's previews at steps 2 and 4 only
+    assert [pixels(got.result(index)) for index in (0, 1)] == expected
 
 
 def test_streams_of_one_setting_share_one_denoising_loop(backend: FluxBackend, monkeypatch: pytest.MonkeyPatch) -> None:

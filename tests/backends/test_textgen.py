@@ -211,6 +211,17 @@ def test_streams_join_a_running_batch_at_a_token_boundary_and_decode_as_alone(
     assert sorted(arrivals.taken) == [1, 2, 3]
 
 
+def test_a_predict_sharing_a_decoding_batch_gets_its_result_only(backend: TextGenerationBackend) -> None:
+    batch = [request(max_new_tokens=12), request(prompt="A", max_new_tokens=12)]
+    got: dict[int, list[Any]] = {0: [], 1: []}
+    backend.stream_batch(
+        batch, [threading.Event(), threading.Event()], lambda i, e: got[i].append(e), None, [False, True]
+    )
+    assert len(got[0]) == 1 and isinstance(got[0][0], ResultEvent)  # no token events for the predict
+    assert essentials(got[0][0].response) == essentials(predict(backend, batch[0]))
+    assert isinstance(got[1][0], TokenEvent) and isinstance(got[1][-1], ResultEvent)
+
+
 def test_arrivals_join_only_while_the_batch_has_room(tiny_model: Path) -> None:
     config = DeploymentConfig(
         name="textgen",
