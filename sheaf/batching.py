@@ -116,17 +116,20 @@ class Batcher(Generic[Item, Answer]):
             if not batch:
                 continue
             self.busy += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            # `send` is called here, not in the task: whatever it does before its first await happens as
+            # the batch leaves (a deployment marks its call running, for later requests to join).
+            answering = self.send([item for group in batch for item in group.items])
+            task = asyncio.get_running_loop().create_task(self._run(batch, answering))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
             sent = _Batch(batch, task)
             for group in batch:
                 group.batch = sent
 
-    async def _run(self, batch: list[_Group[Item, Answer]]) -> None:
+    async def _run(self, batch: list[_Group[Item, Answer]], answering: Awaitable[list[Answer]]) -> None:
         try:
             items = [item for group in batch for item in group.items]
-            answers = await self.send(items)
+            answers = await answering
             if len(answers) != len(items):
                 raise RuntimeError(f"{len(answers)} answers for {len(items)} items")
             start = 0

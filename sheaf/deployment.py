@@ -10,8 +10,9 @@
   stream then takes a seat (`StreamSeat`) in the same batcher as the predicts, and its batch
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
   backend with `streams_alone` streams it on a thread of its own instead). A backend that
-  `joins_running` runs every batch that way, and a stream that arrives while one runs joins
-  it (`RunningCall`) when it has room and nobody waits in the queue. A failure before
+  `joins_running` runs every batch that way, and a stream or lone predict that arrives while
+  one runs joins it (`RunningCall`, from the moment its batch leaves the queue) when it has
+  room and nobody waits in the queue (`submit`). A failure before
   the first event is sent as an error event that also carries `status` and `body`, which
   the gateway turns into a plain HTTP error; a failure after it ends the stream with an
   `error` event. Streams never use the cache.
@@ -29,14 +30,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
 from sheaf.api.events import ResultEvent, StreamEvent
-from sheaf.backends.base import ADMITTED, Admitted, AnyEvent, Arrivals, Backend, Cancelled, limit_torch_threads
+from sheaf.backends.base import (
+    ADMITTED,
+    Admitted,
+    AnyEvent,
+    Arrival,
+    Arrivals,
+    Backend,
+    Cancelled,
+    limit_torch_threads,
+)
 from sheaf.batching import Batcher, QueueFull
 from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
@@ -60,8 +70,9 @@ class StreamSeat:
     """A stream's place in a shared model call: its request, its own cancel (set once it has
     gone), and its events, handed over from the model's thread as they are made."""
 
-    def __init__(self, request: BaseRequest[Any]) -> None:
+    def __init__(self, request: BaseRequest[Any], streaming: bool = True) -> None:
         self.request = request
+        self.streaming = streaming  # False: a predict riding a running call, which needs its result only
         self.cancel = threading.Event()
         self.events: Handover[StreamEvent | Admitted] = Handover()
         self.batch_size = 1  # of the call it ran in
@@ -72,15 +83,16 @@ class RunningCall:
     """The call in the model of a backend that `joins_running`: streams that arrive while it runs
     are offered to it, and join at its next step boundary while it has room."""
 
-    def __init__(self, first_index: int) -> None:
+    def __init__(self, first_index: int, room: int) -> None:
         self.arrivals = Arrivals()
+        self.arrivals.room = room  # until the backend keeps it
         self.joined: dict[int, StreamSeat] = {}
-        self._next_index = first_index
+        self._next_index = first_index  # past every index of the batch it runs
 
     def join(self, seat: StreamSeat) -> bool:
         index = self._next_index
         self.joined[index] = seat  # before the offer: the model's thread may emit to it at once
-        if not self.arrivals.offer(index, seat.request, seat.cancel):
+        if not self.arrivals.offer(Arrival(index, seat.request, seat.cancel, seat.streaming)):
             del self.joined[index]
             return False
         self._next_index += 1
@@ -103,9 +115,27 @@ class Deployment:
             max_queue_s=config.batching.max_queue_ms / 1000,
         )
 
-    async def _run_batch(self, items: list[BaseRequest[Any] | StreamSeat]) -> list[Outcome]:
+    def _run_batch(self, items: list[BaseRequest[Any] | StreamSeat]) -> Awaitable[list[Outcome]]:
+        """The batch's outcomes; from the moment it leaves the queue, requests that arrive may join
+        its call (a backend that `joins_running`)."""
+        running = None
+        if self.backend.joins_running:
+            running = self.running = RunningCall(len(items), self.config.batching.max_batch_size - len(items))
+        return self._answer_batch(items, running)
+
+    async def _answer_batch(
+        self, items: list[BaseRequest[Any] | StreamSeat], running: RunningCall | None
+    ) -> list[Outcome]:
+        try:
+            return await self._cancellable_run(items, running)
+        finally:
+            self._close(running)  # it may have ended before the model ran (cache hits, model not loaded)
+
+    async def _cancellable_run(
+        self, items: list[BaseRequest[Any] | StreamSeat], running: RunningCall | None
+    ) -> list[Outcome]:
         cancel = threading.Event()
-        work = asyncio.ensure_future(self.run(items, cancel))
+        work = asyncio.ensure_future(self.run(items, cancel, running))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -143,6 +173,61 @@ class Deployment:
         detail = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
         return error_outcome(503, detail)
 
+    async def submit(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
+        """One outcome per request, in order, from a model call shared with other callers' requests
+        (`QueueFull` when none took them in time). A lone predict joins the call running now when
+        the backend `joins_running` and there is room; the rest queue for the next batch."""
+        if len(requests) == 1 and self._can_join():
+            joined = await self._predict_in_running_call(requests[0])
+            if joined is not None:
+                return [joined]
+        return await self.batcher.submit(list(requests))
+
+    def _can_join(self) -> bool:
+        return self.running is not None and not self.batcher.waiting
+
+    async def _predict_in_running_call(self, request: BaseRequest[Any]) -> Outcome | None:
+        """The predict's outcome from the call running now, or None when it could not join it."""
+        batch: list[BaseRequest[Any]] = [request]
+        outcomes: list[Outcome | None] = [None]
+        metadata: list[dict[str, Any]] = [{}]
+        await self._resolve_features(batch, outcomes, metadata)
+        keys = self._answer_from_cache(batch, outcomes, metadata)
+        if outcomes[0] is not None:
+            return _with_metadata(outcomes[0], metadata[0])
+        seat = StreamSeat(batch[0], streaming=False)
+        if self.running is None or not self.running.join(seat):
+            return None
+        budget = self.config.timeout_for(request.timeout_s)
+        outcome: Outcome = failure(RuntimeError("the backend gave no result"))
+        try:
+            async with aclosing(seat.events.items(timeout_s=budget)) as events:
+                async for event in events:
+                    if isinstance(event, ResultEvent):
+                        outcome = success(event.response.model_dump(mode="json"))
+                        break
+        except TimeoutError:
+            outcome = failure(Cancelled(f"no result within the deadline of {budget:g} s"))
+        except QueueFull:
+            raise
+        except Exception as exc:  # its own failure
+            outcome = failure(exc)
+        finally:
+            seat.cancel.set()
+            if seat.queued is not None:
+                seat.queued.cancel()
+        if self.cache is not None and outcome["status"] == 200 and 0 in keys:
+            self.cache.put(keys[0], outcome["body"])
+        logger.info(
+            "%s predict request_id=%s status=%d batch=%d worker=%d",
+            self.config.name,
+            request.request_id,
+            outcome["status"],
+            seat.batch_size,
+            os.getpid(),
+        )
+        return _with_metadata(outcome, metadata[0])
+
     async def predict(
         self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None
     ) -> list[Outcome]:
@@ -151,7 +236,10 @@ class Deployment:
         return await self.run(requests, cancel)
 
     async def run(
-        self, items: Sequence[BaseRequest[Any] | StreamSeat], cancel: threading.Event | None = None
+        self,
+        items: Sequence[BaseRequest[Any] | StreamSeat],
+        cancel: threading.Event | None = None,
+        running: RunningCall | None = None,
     ) -> list[Outcome]:
         """One model call for a batch of predicts and streams: an outcome per predict, in order
         (a stream's outcome is its events, handed to its seat; its place in the list says nothing)."""
@@ -172,7 +260,8 @@ class Deployment:
         if pending or streams:
             model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
             if streams or self.backend.joins_running:  # a joinable call takes streams while it runs
-                answers = await self._stream_backend(model_requests, [None] * len(pending) + streams, cancel)
+                seats = [None] * len(pending) + streams
+                answers = await self._stream_backend(model_requests, seats, cancel, running)
             else:
                 answers = await self._run_backend(model_requests, cancel)
             for i, outcome in zip(pending, answers, strict=False):  # the streams' answers went to their seats
@@ -198,7 +287,11 @@ class Deployment:
         return results
 
     async def _stream_backend(
-        self, requests: list[BaseRequest[Any]], seats: list[StreamSeat | None], cancel: threading.Event
+        self,
+        requests: list[BaseRequest[Any]],
+        seats: list[StreamSeat | None],
+        cancel: threading.Event,
+        running: RunningCall | None = None,
     ) -> list[Outcome]:
         """`stream_batch` over `requests`: each seat's events go to it as they are made; the predicts
         (no seat) get their outcomes, in order, from their results."""
@@ -206,7 +299,8 @@ class Deployment:
         timer = asyncio.get_running_loop().call_later(budget, cancel.set)
         cancels = [AnyEvent(cancel) if seat is None else AnyEvent(seat.cancel, cancel) for seat in seats]
         outcomes: list[Outcome | None] = [None if seat is None else success({}) for seat in seats]
-        running = RunningCall(len(requests)) if self.backend.joins_running else None
+        if running is None and self.backend.joins_running:  # called directly, not by the batcher
+            running = self.running = RunningCall(len(requests), self.config.batching.max_batch_size - len(requests))
 
         def emit(index: int, event: StreamEvent | Admitted | Exception) -> None:
             seat = seats[index] if index < len(seats) else running.joined[index] if running else None
@@ -222,11 +316,10 @@ class Deployment:
             elif isinstance(event, ResultEvent):
                 outcomes[index] = success(event.response.model_dump(mode="json"))
 
-        self.running = running
         failed: Exception | None = None
         try:
             arrivals = running.arrivals if running else None
-            streaming = [seat is not None for seat in seats]
+            streaming = [seat is not None and seat.streaming for seat in seats]
             await asyncio.to_thread(self.backend.stream_batch, requests, cancels, emit, arrivals, streaming)
         except Exception as exc:  # the model call itself failed: every request of it still open gets the error
             if not isinstance(exc, Cancelled):
@@ -248,7 +341,8 @@ class Deployment:
         """The streams that joined `running`, now ended; those offered to it too late queue for the next call."""
         if running is None:
             return []
-        self.running = None
+        if self.running is running:
+            self.running = None
         for index in running.arrivals.close():
             self._queue(running.joined.pop(index))
         return [running.joined[index] for index in running.arrivals.taken]
@@ -410,8 +504,8 @@ class Deployment:
 
     def _join_running(self, seat: StreamSeat) -> bool:
         """Seat the stream in the call running now, if it joins running calls and has room, and no
-        one waits in the queue (who would otherwise wait for as long as streams keep joining)."""
-        return self.running is not None and not self.batcher.waiting and self.running.join(seat)
+        one waits in the queue (who would otherwise wait for as long as others keep joining)."""
+        return self._can_join() and self.running is not None and self.running.join(seat)
 
     def _queue(self, seat: StreamSeat) -> None:
         if seat.cancel.is_set():  # its reader has gone

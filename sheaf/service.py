@@ -102,7 +102,7 @@ class DeploymentService:
             limit = config.batching.max_batch_size
             return [error_outcome(422, f"at most {limit} requests per call, got {len(requests)}")] * len(requests)
         try:
-            return await unless_disconnected(_context.request, self.deployment.batcher.submit(list(requests)))
+            return await unless_disconnected(_context.request, self.deployment.submit(requests))
         except QueueFull as exc:
             retry = config.limits.retry_after_s
             busy = error_outcome(503, f"deployment {config.name} is busy: {exc}; retry after {retry} s")

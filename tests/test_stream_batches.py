@@ -263,6 +263,38 @@ def test_a_textgen_stream_joins_a_running_generation_and_ends_before_it(server: 
     assert text(joined) == text(asyncio.run(solo_stream(server, short)))
 
 
+def test_a_textgen_predict_joins_a_running_stream_and_answers_before_it_ends(server: Server) -> None:
+    long = {"prompt": "Once", "max_new_tokens": 3000, "request_id": "tg-long-for-predict"}
+    short = {"prompt": "Why?", "max_new_tokens": 5, "request_id": "tg-predict-joins"}
+
+    async def run() -> tuple[httpx.Response, bool]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            started = asyncio.Event()
+
+            async def long_stream() -> None:
+                decoder = SSEDecoder()
+                async with client.stream("POST", "/textgen/stream", json=long) as response:
+                    async for chunk in response.aiter_raw():
+                        if decoder.feed(chunk):
+                            started.set()
+
+            running = asyncio.ensure_future(long_stream())
+            await asyncio.wait_for(started.wait(), 60)
+            answer = await client.post("/textgen/predict", json=short)
+            long_still_running = not running.done()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            return answer, long_still_running
+
+    answer, long_still_running = asyncio.run(run())
+    assert answer.status_code == 200, answer.text
+    assert long_still_running  # it did not wait for the long generation
+    assert answer.json()["metadata"]["batch_size"] == 2
+    assert answer.json()["text"] == solo_predicts(server, "textgen", [short])[0]["text"]
+    assert re.search(r"textgen predict request_id=tg-predict-joins status=200 batch=2", server.log_text())
+
+
 def test_textgen_streams_and_predicts_share_a_batch_and_answer_as_alone(server: Server) -> None:
     streamed = [{"prompt": f"Mixed {i}", "max_new_tokens": 10 + i, "request_id": f"tgm-s{i}"} for i in range(3)]
     predicted = [{"prompt": f"Mixed {i}", "max_new_tokens": 10 + i, "request_id": f"tgm-p{i}"} for i in range(3, 5)]

@@ -259,6 +259,7 @@ class Arrival:
     index: int
     request: BaseRequest[Any]
     cancel: threading.Event
+    streaming: bool = True  # False: a predict, which needs its result only
 
 
 class Arrivals:
@@ -277,13 +278,13 @@ class Arrivals:
         self._open = True
         self._lock = threading.Lock()
 
-    def offer(self, index: int, request: BaseRequest[Any], cancel: threading.Event) -> bool:
-        """Hand `request` over, to be emitted under `index` (one the call has not used); False when the
-        call has ended or has no room for it."""
+    def offer(self, arrival: Arrival) -> bool:
+        """Hand `arrival` over (its index one the call has not used); False when the call has ended or
+        has no room for it."""
         with self._lock:
             if not self._open or len(self._waiting) >= self.room:
                 return False
-            self._waiting.append(Arrival(index, request, cancel))
+            self._waiting.append(arrival)
             return True
 
     def take(self) -> list[Arrival]:

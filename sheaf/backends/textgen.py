@@ -171,7 +171,7 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
                 if isinstance(prepared, Exception):
                     emit(arrival.index, prepared)
                 else:
-                    joining.append(_Row(arrival.index, prepared, arrival.cancel))
+                    joining.append(_Row(arrival.index, prepared, arrival.cancel, arrival.streaming))
             return joining
 
         if seated or arrivals is not None:

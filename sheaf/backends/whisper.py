@@ -211,8 +211,8 @@ class WhisperBackend(BatchBackend[TranscriptionRequest, TranscriptionResponse, _
             except Exception as exc:  # the model call failed for every clip of the group still open
                 logger.exception("batched transcription failed for %d clips", len(members))
                 run.fail(exc)
-            if run.unfinished and all(event.is_set() for event in listening):
-                logger.info("stream batch of %d cancelled", len(clips))
+            for row, segments in run.unfinished().items():  # its client left before its last piece
+                logger.info("stream %s cancelled after %d segments", clips[row].request.request_id, segments)
 
     def _stream_sequentially(
         self, request: TranscriptionRequest, cancel: threading.Event
@@ -412,9 +412,9 @@ class _GroupStream:
             if self._left[row] == 0:  # nothing to decode (silence under VAD): its result at once
                 self._finish(row)
 
-    @property
-    def unfinished(self) -> bool:
-        return any(self._left.values())
+    def unfinished(self) -> dict[int, int]:
+        """The rows with pieces never decoded (their streams left), with the segments each was sent."""
+        return {row: len(self._found[row]) for row, left in self._left.items() if left}
 
     def decoded(self, decoded: list[tuple[Piece, list[Segment]]]) -> None:
         for piece, segments in decoded:

@@ -13,7 +13,7 @@ import pytest
 from sheaf.api.events import ResultEvent, TokenEvent
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 from sheaf.backends import gguf
-from sheaf.backends.base import Arrivals
+from sheaf.backends.base import Arrival, Arrivals
 from sheaf.backends.sampling import Sampling
 from sheaf.backends.textgen import TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
@@ -196,7 +196,7 @@ def test_streams_join_a_running_batch_at_a_token_boundary_and_decode_as_alone(
         got[index].append(event)
         if index == 0 and len(got[0]) == 3:  # the first row is three tokens in: the others arrive
             for offset, req in enumerate(late, start=1):
-                assert arrivals.offer(offset, req, threading.Event())
+                assert arrivals.offer(Arrival(offset, req, threading.Event()))
 
     backend.stream_batch([first], [threading.Event()], emit, arrivals)
     assert len(got[3]) == 1 and isinstance(got[3][0], InvalidRequest)
@@ -236,7 +236,7 @@ def test_arrivals_join_only_while_the_batch_has_room(tiny_model: Path) -> None:
 
     def emit(index: int, event: Any) -> None:
         if index == 0 and not offered:
-            offered.extend(arrivals.offer(i, request(request_id=f"r{i}"), threading.Event()) for i in (2, 3))
+            offered.extend(arrivals.offer(Arrival(i, request(request_id=f"r{i}"), threading.Event())) for i in (2, 3))
 
     small.stream_batch([request(max_new_tokens=20)], [threading.Event()], emit, arrivals)
     assert offered == [True, False]  # one more row fits beside the running one; the second waits its turn
