@@ -248,7 +248,8 @@ class Deployment:
             return [unavailable] * len(items)
         seats = [item if isinstance(item, StreamSeat) else None for item in items]
         streams = [seat for seat in seats if seat is not None]
-        metrics.BATCH_SIZE.labels(self.config.name, "stream" if streams else "predict").observe(len(items))
+        if running is None:  # else counted once the call has ended, with the requests that joined it
+            metrics.BATCH_SIZE.labels(self.config.name, "stream" if streams else "predict").observe(len(items))
         for seat in streams:
             seat.batch_size = len(items)
         batch = [item for item in items if not isinstance(item, StreamSeat)]
@@ -268,6 +269,10 @@ class Deployment:
                 outcomes[i] = outcome
                 if self.cache is not None and outcome["status"] == 200:
                     self.cache.put(keys[i], outcome["body"])
+        if running is not None:
+            joined = list(running.arrivals.taken.values())
+            route = "stream" if streams or any(arrival.streaming for arrival in joined) else "predict"
+            metrics.BATCH_SIZE.labels(self.config.name, route).observe(len(items) + len(joined))
         answered = iter([_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o])
         results: list[Outcome] = []
         for item in items:
