@@ -591,7 +591,7 @@ def test_cancel_while_waiting_for_the_lock_ends_the_stream(
     consumer = threading.Thread(target=lambda: received.extend(backend.stream(req, cancel)), daemon=True)
     with backend.adapters.hold(()):  # someone else's run holds the pipeline
         consumer.start()
-        while backend.adapters.waiting == 0:  # until the stream queues for its turn
+        while backend.adapters.waiting == 0 or not received:  # until the stream queues for its turn, accepted
             time.sleep(0.005)
         cancel.set()
         consumer.join(60)  # a guard against a hang: the stream leaves the queue at once
