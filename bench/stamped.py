@@ -24,10 +24,19 @@ from sheaf.backends.whisper import WhisperBackend
 STAMPS_ENV = "SHEAF_BENCH_STAMPS"
 
 
+_pending: list[str] = []
+_writing = threading.Lock()
+
+
 def stamp(request_id: str, kind: str, index: int) -> None:
-    at = time.monotonic()
-    with open(os.environ[STAMPS_ENV], "a") as stamps:  # one short write per line: lines never interleave
-        stamps.write(f"{request_id} {kind} {index} {at:.6f}\n")
+    """Note a moment; the notes reach the file with the next `stop`, which is what readers wait for
+    (a file write per event would cost streams more than the events do)."""
+    _pending.append(f"{request_id} {kind} {index} {time.monotonic():.6f}\n")
+    if kind == "stop":
+        with _writing, open(os.environ[STAMPS_ENV], "a") as stamps:
+            lines = _pending[:]
+            del _pending[: len(lines)]
+            stamps.write("".join(lines))
 
 
 class Stamped(Backend[Any, Any]):

@@ -7,7 +7,7 @@
   whole batch go to the store in one call, then the predict cache answers what it can,
   then the backend answers the rest in one model call.
 - `stream(request)`: SSE frames as the backend makes events. Feast runs first here too. The
-  stream then takes a seat (`StreamSeat`) in the same batcher as the predicts, and its batch
+  stream then takes a seat (`sheaf.seats.StreamSeat`) in the same batcher as the predicts, and its batch
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
   backend with `streams_alone` streams it on a thread of its own instead). A backend that
   `joins_running` runs every batch that way, and a stream or lone predict that arrives while
@@ -41,8 +41,6 @@ from sheaf.backends.base import (
     ADMITTED,
     Admitted,
     AnyEvent,
-    Arrival,
-    Arrivals,
     Backend,
     Cancelled,
     limit_torch_threads,
@@ -52,7 +50,8 @@ from sheaf.cache import PredictCache, cache_key
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.outcomes import Outcome, error_outcome, failure, success
-from sheaf.streaming import ACCEPTED, HEARTBEAT, Handover, Idle, encode_event, error_event, iterate_in_thread
+from sheaf.seats import EventBatch, RunningCall, StreamSeat
+from sheaf.streaming import ACCEPTED, HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
 
 if TYPE_CHECKING:
     from sheaf.features import FeatureStoreResolver
@@ -64,39 +63,6 @@ def import_string(path: str) -> Any:
     """The object `module:name` names."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-class StreamSeat:
-    """A stream's place in a shared model call: its request, its own cancel (set once it has
-    gone), and its events, handed over from the model's thread as they are made."""
-
-    def __init__(self, request: BaseRequest[Any], streaming: bool = True) -> None:
-        self.request = request
-        self.streaming = streaming  # False: a predict riding a running call, which needs its result only
-        self.cancel = threading.Event()
-        self.events: Handover[StreamEvent | Admitted] = Handover()
-        self.batch_size = 1  # of the call it ran in
-        self.queued: asyncio.Future[list[Outcome]] | None = None  # its place in the batcher's queue
-
-
-class RunningCall:
-    """The call in the model of a backend that `joins_running`: streams that arrive while it runs
-    are offered to it, and join at its next step boundary while it has room."""
-
-    def __init__(self, first_index: int, room: int) -> None:
-        self.arrivals = Arrivals()
-        self.arrivals.room = room  # until the backend keeps it
-        self.joined: dict[int, StreamSeat] = {}
-        self._next_index = first_index  # past every index of the batch it runs
-
-    def join(self, seat: StreamSeat) -> bool:
-        index = self._next_index
-        self.joined[index] = seat  # before the offer: the model's thread may emit to it at once
-        if not self.arrivals.offer(Arrival(index, seat.request, seat.cancel, seat.streaming)):
-            del self.joined[index]
-            return False
-        self._next_index += 1
-        return True
 
 
 class Deployment:
@@ -118,10 +84,7 @@ class Deployment:
     def _run_batch(self, items: list[BaseRequest[Any] | StreamSeat]) -> Awaitable[list[Outcome]]:
         """The batch's outcomes; from the moment it leaves the queue, requests that arrive may join
         its call (a backend that `joins_running`)."""
-        running = None
-        if self.backend.joins_running:
-            running = self.running = RunningCall(len(items), self.config.batching.max_batch_size - len(items))
-        return self._answer_batch(items, running)
+        return self._answer_batch(items, self._joinable(len(items)) if self.backend.joins_running else None)
 
     async def _answer_batch(
         self, items: list[BaseRequest[Any] | StreamSeat], running: RunningCall | None
@@ -189,10 +152,7 @@ class Deployment:
     async def _predict_in_running_call(self, request: BaseRequest[Any]) -> Outcome | None:
         """The predict's outcome from the call running now, or None when it could not join it."""
         batch: list[BaseRequest[Any]] = [request]
-        outcomes: list[Outcome | None] = [None]
-        metadata: list[dict[str, Any]] = [{}]
-        await self._resolve_features(batch, outcomes, metadata)
-        keys = self._answer_from_cache(batch, outcomes, metadata)
+        outcomes, metadata, keys = await self._before_model(batch)
         if outcomes[0] is not None:
             return _with_metadata(outcomes[0], metadata[0])
         seat = StreamSeat(batch[0], streaming=False)
@@ -216,16 +176,8 @@ class Deployment:
             seat.cancel.set()
             if seat.queued is not None:
                 seat.queued.cancel()
-        if self.cache is not None and outcome["status"] == 200 and 0 in keys:
-            self.cache.put(keys[0], outcome["body"])
-        logger.info(
-            "%s predict request_id=%s status=%d batch=%d worker=%d",
-            self.config.name,
-            request.request_id,
-            outcome["status"],
-            seat.batch_size,
-            os.getpid(),
-        )
+        self._remember(keys.get(0), outcome)
+        self._log_predict(request, outcome, seat.batch_size)
         return _with_metadata(outcome, metadata[0])
 
     async def predict(
@@ -253,10 +205,7 @@ class Deployment:
         for seat in streams:
             seat.batch_size = len(items)
         batch = [item for item in items if not isinstance(item, StreamSeat)]
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        metadata: list[dict[str, Any]] = [{} for _ in batch]
-        await self._resolve_features(batch, outcomes, metadata)
-        keys = self._answer_from_cache(batch, outcomes, metadata)
+        outcomes, metadata, keys = await self._before_model(batch)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if pending or streams:
             model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
@@ -267,8 +216,7 @@ class Deployment:
                 answers = await self._run_backend(model_requests, cancel)
             for i, outcome in zip(pending, answers, strict=False):  # the streams' answers went to their seats
                 outcomes[i] = outcome
-                if self.cache is not None and outcome["status"] == 200:
-                    self.cache.put(keys[i], outcome["body"])
+                self._remember(keys.get(i), outcome)
         if running is not None:
             joined = list(running.arrivals.taken.values())
             route = "stream" if streams or any(arrival.streaming for arrival in joined) else "predict"
@@ -281,15 +229,33 @@ class Deployment:
                 continue
             outcome = next(answered)
             results.append(outcome)
-            logger.info(
-                "%s predict request_id=%s status=%d batch=%d worker=%d",
-                self.config.name,
-                item.request_id,
-                outcome["status"],
-                len(items),
-                os.getpid(),  # which replica: each batches what it receives
-            )
+            self._log_predict(item, outcome, len(items))
         return results
+
+    async def _before_model(
+        self, batch: list[BaseRequest[Any]]
+    ) -> tuple[list[Outcome | None], list[dict[str, Any]], dict[int, str]]:
+        """Each predict's outcome where it has one before the model runs (a refused `feature_ref`, a
+        cache hit), its metadata, and the cache keys to store the others' answers under. A resolved
+        `feature_ref` replaces its request in `batch`."""
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        metadata: list[dict[str, Any]] = [{} for _ in batch]
+        await self._resolve_features(batch, outcomes, metadata)
+        return outcomes, metadata, self._answer_from_cache(batch, outcomes, metadata)
+
+    def _remember(self, key: str | None, outcome: Outcome) -> None:
+        if self.cache is not None and key is not None and outcome["status"] == 200:
+            self.cache.put(key, outcome["body"])
+
+    def _log_predict(self, request: BaseRequest[Any], outcome: Outcome, batch_size: int) -> None:
+        logger.info(
+            "%s predict request_id=%s status=%d batch=%d worker=%d",
+            self.config.name,
+            request.request_id,
+            outcome["status"],
+            batch_size,
+            os.getpid(),  # which replica: each batches what it receives
+        )
 
     async def _stream_backend(
         self,
@@ -305,7 +271,7 @@ class Deployment:
         cancels = [AnyEvent(cancel) if seat is None else AnyEvent(seat.cancel, cancel) for seat in seats]
         outcomes: list[Outcome | None] = [None if seat is None else success({}) for seat in seats]
         if running is None and self.backend.joins_running:  # called directly, not by the batcher
-            running = self.running = RunningCall(len(requests), self.config.batching.max_batch_size - len(requests))
+            running = self._joinable(len(requests))
 
         def emit(index: int, event: StreamEvent | Admitted | Exception) -> None:
             seat = seats[index] if index < len(seats) else running.joined[index] if running else None
@@ -341,6 +307,11 @@ class Deployment:
         # A predict with no result: stopped with its batch (its callers gone, or its deadline past), or a backend's bug.
         unanswered = Cancelled("the batch stopped") if cancel.is_set() else RuntimeError("the backend gave no result")
         return [failure(unanswered) if outcome is None else outcome for outcome in outcomes]
+
+    def _joinable(self, count: int) -> RunningCall:
+        """The call about to run `count` requests, which others may join up to `max_batch_size`."""
+        self.running = RunningCall(count, self.config.batching.max_batch_size - count)
+        return self.running
 
     def _close(self, running: RunningCall | None) -> list[StreamSeat]:
         """The streams that joined `running`, now ended; those offered to it too late queue for the next call."""
@@ -416,7 +387,7 @@ class Deployment:
         batch: list[BaseRequest[Any]] = [request]
         refused: list[Outcome | None] = [None]
         metadata: list[dict[str, Any]] = [{}]
-        await self._resolve_features(batch, refused, metadata)
+        await self._resolve_features(batch, refused, metadata)  # streams never use the cache
         if refused[0] is not None:
             yield encode_event({"type": "error", "done": True, "error": "refused", **refused[0]})
             return
@@ -426,32 +397,31 @@ class Deployment:
         budget = self.config.timeout_for(request.timeout_s)
         seat = StreamSeat(request)
         try:
-            if self.backend.streams_alone:
-                events = iterate_in_thread(
-                    lambda cancel: self.backend.stream(request, cancel),
-                    idle_s=self.config.heartbeat_s,
-                    timeout_s=budget,
-                )
-            else:
-                events = self._seated(seat, budget)
+            events = self._alone(request, budget) if self.backend.streams_alone else self._seated(seat, budget)
             async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, Idle):
+                async for handed in events:
+                    if isinstance(handed, Idle):
                         if accepted:  # before, the answer may still become a plain HTTP error
                             yield HEARTBEAT
                         continue
-                    if isinstance(event, Admitted):
-                        if not accepted:
-                            accepted = True
-                            yield ACCEPTED
-                        continue
-                    if isinstance(event, ResultEvent):
-                        event.response.metadata.update(metadata[0])
-                        outcome = "result"
-                    sent += 1
-                    accepted = True
-                    metrics.STREAM_EVENTS.labels(name, event.type).inc()
-                    yield encode_event(event)
+                    frames = []  # sent as one write: under load, events wait for the loop together
+                    for event in handed:
+                        if isinstance(event, Admitted):
+                            if not accepted:
+                                accepted = True
+                                frames.append(ACCEPTED)
+                            continue
+                        if isinstance(event, ResultEvent):
+                            event.response.metadata.update(metadata[0])
+                            outcome = "result"
+                        sent += 1
+                        accepted = True
+                        metrics.STREAM_EVENTS.labels(name, event.type).inc()
+                        frames.append(encode_event(event))
+                        if outcome == "result":
+                            break
+                    if frames:
+                        yield "".join(frames)
                     if outcome == "result":
                         return
             raise RuntimeError("the backend ended the stream without a result")
@@ -490,18 +460,30 @@ class Deployment:
                 seat.batch_size,
             )
 
-    async def _seated(self, seat: StreamSeat, budget: float) -> AsyncGenerator[StreamEvent | Admitted | Idle]:
-        """The seat's events, from the batch it joins in the queue once its request passed the
-        backend's checks; leaving gives up its place (and the batch's model work, when it was the
-        last one waiting on it)."""
-        await asyncio.to_thread(self.backend.check, seat.request)  # a refusal is still a plain HTTP error
-        yield ADMITTED  # while it queues behind the batch in the model
+    async def _alone(self, request: BaseRequest[Any], budget: float) -> AsyncGenerator[EventBatch | Idle]:
+        """The stream's events from the backend's `stream`, on a thread of its own."""
+        events = iterate_in_thread(
+            lambda cancel: self.backend.stream(request, cancel), idle_s=self.config.heartbeat_s, timeout_s=budget
+        )
+        async with aclosing(events):
+            async for event in events:
+                yield event if isinstance(event, Idle) else [event]
+
+    async def _seated(self, seat: StreamSeat, budget: float) -> AsyncGenerator[EventBatch | Idle]:
+        """The seat's events, as they come, from the batch it joins in the queue once its request
+        passed the backend's checks; leaving gives up its place (and the batch's model work, when it
+        was the last one waiting on it)."""
+        if self.backend.quick_check(seat.request):  # a refusal is still a plain HTTP error
+            self.backend.check(seat.request)
+        else:
+            await asyncio.to_thread(self.backend.check, seat.request)
+        yield [ADMITTED]  # while it queues behind the batch in the model
         if not self._join_running(seat):
             self._queue(seat)
         try:
-            async with aclosing(seat.events.items(idle_s=self.config.heartbeat_s, timeout_s=budget)) as events:
-                async for event in events:
-                    yield event
+            async with aclosing(seat.events.batches(idle_s=self.config.heartbeat_s, timeout_s=budget)) as events:
+                async for batch in events:
+                    yield batch
         finally:
             seat.cancel.set()
             if seat.queued is not None:

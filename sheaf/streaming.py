@@ -155,24 +155,45 @@ class Handover(Generic[T]):
     async def items(self, *, idle_s: float | None = None, timeout_s: float | None = None) -> AsyncGenerator[T | Idle]:
         """Each item as it comes until the end; the failure raised. With `idle_s`, `IDLE` after each
         `idle_s` without an item; past `timeout_s`, `TimeoutError`."""
-        loop = self._loop
+        async with aclosing(self.batches(idle_s=idle_s, timeout_s=timeout_s)) as batches:
+            async for batch in batches:
+                if isinstance(batch, Idle):
+                    yield batch
+                    continue
+                for item in batch:
+                    yield item
+
+    async def batches(
+        self, *, idle_s: float | None = None, timeout_s: float | None = None
+    ) -> AsyncGenerator[list[T] | Idle]:
+        """`items`, but all those handed over by the time the loop reads them as one list: a reader
+        that falls behind (a busy process) catches up in one go, where item by item each would cost
+        its own write to the client."""
+        loop, queue = self._loop, self._queue
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
             wait = idle_s if deadline is None else min(idle_s or math.inf, deadline - loop.time())
             try:
                 # wait_for only ever cancels its own queue.get(), never the consumer's task.
-                done, value = await asyncio.wait_for(self._queue.get(), wait)
+                done, value = await asyncio.wait_for(queue.get(), wait)
             except TimeoutError:
                 if deadline is not None and loop.time() >= deadline:
                     raise
                 yield IDLE
                 continue
+            batch: list[T] = []
+            while not done:
+                batch.append(value)
+                if queue.empty():
+                    break
+                done, value = queue.get_nowait()
+            if batch:
+                yield batch
             if not done:
-                yield value
-            elif value is _END:
+                continue
+            if value is _END:
                 return
-            else:
-                raise value
+            raise value
 
 
 _END = object()

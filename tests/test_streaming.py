@@ -15,6 +15,7 @@ from sheaf.streaming import (
     HEARTBEAT,
     IDLE,
     FrameRelay,
+    Handover,
     Idle,
     SSEDecoder,
     encode_event,
@@ -65,6 +66,28 @@ def test_decoder_accepts_crlf_comments_and_multiline_data() -> None:
     decoder = SSEDecoder()
     wire = b': heartbeat\r\n\r\ndata: {"type": "token",\r\ndata: "text": "x", "index": 0}\r\n\r\n'
     assert decoder.feed(wire) == [{"type": "token", "text": "x", "index": 0}]
+
+
+def test_handover_batches_give_what_waits_at_once_and_the_failure_after_it() -> None:
+    def put_then_fail(handover: Handover[int]) -> None:
+        handover.put(3)
+        handover.fail(ValueError("late"))
+
+    async def main() -> list[object]:
+        handover: Handover[int] = Handover()
+        seen: list[object] = []
+        handover.put(1)
+        handover.put(2)  # both handed over before the reader looks: one batch
+        try:
+            async for batch in handover.batches():
+                seen.append(batch)
+                if batch == [1, 2]:
+                    threading.Thread(target=put_then_fail, args=(handover,)).start()
+        except ValueError as exc:
+            seen.append(str(exc))
+        return seen
+
+    assert asyncio.run(main()) == [[1, 2], [3], "late"]  # the items before the failure, never lost with it
 
 
 def test_a_frame_that_is_not_an_event_is_refused() -> None:

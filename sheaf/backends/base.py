@@ -103,6 +103,12 @@ class Backend(ABC, Generic[RequestT, ResponseT]):
         """Raise what `request` alone would hit before the model runs (`InvalidRequest` ...), so that a
         stream can be refused, or accepted, before it queues for a batch. The default checks nothing."""
 
+    def quick_check(self, request: RequestT) -> bool:
+        """Whether `check(request)` takes well under a millisecond, and so runs on the event loop. Else
+        it runs on a thread, a hop that costs more than a quick check under load: it waits for the
+        model's thread to let go of the GIL, and streams then trickle into batches. The default: no."""
+        return False
+
     streams_alone: bool = False
     """True: each stream runs `stream` on its own thread; its streams share no model call (a backend may
     decide per deployment, in its `__init__`)."""

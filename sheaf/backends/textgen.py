@@ -229,6 +229,9 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
         metadata = {"batch_size": row.batch_size, "inference_ms": elapsed_ms(row.started)}
         return self._response(row.decoding, row.decoding.text(), row.decoding.finish_reason or "length", metadata)
 
+    def quick_check(self, request: TextGenerationRequest) -> bool:
+        return _prompt_chars(request) <= QUICK_CHECK_CHARS
+
     def prepare(self, request: TextGenerationRequest) -> Decoding:
         """The request's row in a decoding batch."""
         prompt_ids = self._encode(request)
@@ -244,7 +247,7 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
             )
         field = "messages" if request.prompt is None else "prompt"
         # Checked before the tokenizer runs, which takes seconds over megabytes of text.
-        chars = len(request.prompt) if request.prompt is not None else sum(len(m.content) for m in request.messages)
+        chars = _prompt_chars(request)
         if chars > self._max_prompt_chars:
             raise InvalidRequest(
                 field,
@@ -327,3 +330,11 @@ def _context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     if tokenizer.model_max_length < 10_000_000:
         return int(tokenizer.model_max_length)
     raise ValueError("cannot tell the model's context length from its config or tokenizer")
+
+
+QUICK_CHECK_CHARS = 1000
+"""Prompts up to this long are checked on the event loop: tokenizing takes about 0.4 µs a character."""
+
+
+def _prompt_chars(request: TextGenerationRequest) -> int:
+    return len(request.prompt) if request.prompt is not None else sum(len(m.content) for m in request.messages)

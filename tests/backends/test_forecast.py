@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sheaf.api.events import ResultEvent
 from sheaf.api.feature_ref import FeatureRef
 from sheaf.api.forecast import ForecastRequest, ForecastResponse, Frequency
-from sheaf.backends.forecast import FREQUENCY_BUCKETS, ForecastBackend
+from sheaf.backends.forecast import FREQUENCY_BUCKETS, QUICK_CHECK_VALUES, ForecastBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from tests.backends.cancelling import cancel_on_cue
@@ -393,3 +393,8 @@ def test_the_default_stream_sends_one_result_equal_to_predict(backend: ForecastB
     assert event.response.metadata["batch_size"] == 1
     with pytest.raises(InvalidRequest):
         list(backend.stream(request(horizon=MAX_HORIZON + 1), threading.Event()))
+
+
+def test_only_short_histories_are_checked_on_the_event_loop(backend: ForecastBackend) -> None:
+    assert backend.quick_check(ForecastRequest(history=[1.0] * QUICK_CHECK_VALUES, horizon=4))
+    assert not backend.quick_check(ForecastRequest(history=[1.0] * (QUICK_CHECK_VALUES + 1), horizon=4))

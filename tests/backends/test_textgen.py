@@ -15,7 +15,7 @@ from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGeneration
 from sheaf.backends import gguf
 from sheaf.backends.base import Arrival, Arrivals
 from sheaf.backends.sampling import Sampling
-from sheaf.backends.textgen import TextGenerationBackend
+from sheaf.backends.textgen import QUICK_CHECK_CHARS, TextGenerationBackend
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from tests.backends.cancelling import cancel_on_cue
@@ -565,3 +565,10 @@ def test_smollm2_from_its_package_is_converted_once_and_answers(
     second = TextGenerationBackend(config)
     second.load()
     assert predict(second, completion).text == answer.text
+
+
+def test_only_short_prompts_are_checked_on_the_event_loop(backend: TextGenerationBackend) -> None:
+    assert backend.quick_check(request(prompt="x" * QUICK_CHECK_CHARS))
+    assert not backend.quick_check(request(prompt="x" * (QUICK_CHECK_CHARS + 1)))
+    long_chat = [ChatMessage(role="user", content="x" * (QUICK_CHECK_CHARS // 2 + 1))] * 2
+    assert not backend.quick_check(request(messages=long_chat))  # every message counts
