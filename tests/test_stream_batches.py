@@ -233,29 +233,39 @@ async def solo_stream(server: Server, body: dict[str, Any]) -> list[dict[str, An
         return await stream(client, "textgen", body)
 
 
+@asynccontextmanager
+async def long_stream_running(client: httpx.AsyncClient, body: dict[str, Any]) -> AsyncIterator[asyncio.Future[None]]:
+    """A textgen stream of `body` that has sent its first event; its client leaves on exit."""
+    started = asyncio.Event()
+
+    async def read() -> None:
+        decoder = SSEDecoder()
+        async with client.stream("POST", "/textgen/stream", json=body) as response:
+            async for chunk in response.aiter_raw():
+                if decoder.feed(chunk):
+                    started.set()
+
+    running = asyncio.ensure_future(read())
+    try:
+        await asyncio.wait_for(started.wait(), 60)
+        yield running
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 def test_a_textgen_stream_joins_a_running_generation_and_ends_before_it(server: Server) -> None:
     long = {"prompt": "Once", "max_new_tokens": 3000, "request_id": "tg-long"}
     short = {"prompt": "Why?", "max_new_tokens": 5, "request_id": "tg-joins"}
 
     async def run() -> tuple[list[dict[str, Any]], bool]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            started = asyncio.Event()
-
-            async def long_stream() -> None:
-                decoder = SSEDecoder()
-                async with client.stream("POST", "/textgen/stream", json=long) as response:
-                    async for chunk in response.aiter_raw():
-                        if decoder.feed(chunk):
-                            started.set()
-
-            running = asyncio.ensure_future(long_stream())
-            await asyncio.wait_for(started.wait(), 60)
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+            long_stream_running(client, long) as running,
+        ):
             joined = await stream(client, "textgen", short)
-            long_still_running = not running.done()
-            running.cancel()  # its client leaves
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
-            return joined, long_still_running
+            return joined, not running.done()
 
     joined, long_still_running = asyncio.run(run())
     assert long_still_running  # the short one did not wait for the long generation to end
@@ -268,24 +278,12 @@ def test_a_textgen_predict_joins_a_running_stream_and_answers_before_it_ends(ser
     short = {"prompt": "Why?", "max_new_tokens": 5, "request_id": "tg-predict-joins"}
 
     async def run() -> tuple[httpx.Response, bool]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            started = asyncio.Event()
-
-            async def long_stream() -> None:
-                decoder = SSEDecoder()
-                async with client.stream("POST", "/textgen/stream", json=long) as response:
-                    async for chunk in response.aiter_raw():
-                        if decoder.feed(chunk):
-                            started.set()
-
-            running = asyncio.ensure_future(long_stream())
-            await asyncio.wait_for(started.wait(), 60)
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+            long_stream_running(client, long) as running,
+        ):
             answer = await client.post("/textgen/predict", json=short)
-            long_still_running = not running.done()
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
-            return answer, long_still_running
+            return answer, not running.done()
 
     answer, long_still_running = asyncio.run(run())
     assert answer.status_code == 200, answer.text
