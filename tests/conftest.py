@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from tiny.models import build_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
+# BentoML's own command for one service of a bento alone (what BentoCloud and Yatai run per service).
+START_HTTP_SERVER = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
 
 
 def untracked_files() -> set[str]:
@@ -58,10 +60,12 @@ def free_port() -> int:
 class Server:
     url: str
     log: Path
-    pid: int  # `bentoml serve` itself; its workers are its children
+    pid: int  # the server process itself; its workers are its children
+    parts: dict[str, "Server"] = field(default_factory=dict)
+    """The deployments served on their own, by name, when the entry service is served apart from them."""
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return "".join([self.log.read_text(errors="replace"), *(part.log_text() for part in self.parts.values())])
 
 
 def serve(
@@ -73,14 +77,37 @@ def serve(
     target: str = "bentos.gateway:Sheaf",
     cwd: Path = ROOT,
     headers: dict[str, str] | None = None,
+    service: str | None = None,
+    depends: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
     """Run `bentoml serve` on `target` until every deployment in `ready` answers ready (none: until
     BentoML's `/readyz` does, for a service served alone).
 
     `config_dir` None serves the default config set. BentoML's home goes beside the log,
-    unless `env` names one. `headers` go with the readiness polls (an API key).
+    unless `env` names one. `headers` go with the readiness polls (an API key). `service` serves
+    that one service of `target` alone, as a distributed deployment does (BentoML's
+    `start-http-server`), reaching the services in `depends` (name: URL) at their addresses.
     """
-    port = free_port()
+    process, server = start_server(config_dir, log, env, target, cwd, service, depends, port)
+    try:
+        wait_until_ready(process, server, ready, headers)
+        yield server
+    finally:
+        stop_server(process)
+
+
+def start_server(
+    config_dir: Path | None,
+    log: Path,
+    env: dict[str, str] | None = None,
+    target: str = "bentos.gateway:Sheaf",
+    cwd: Path = ROOT,
+    service: str | None = None,
+    depends: dict[str, str] | None = None,
+    port: int | None = None,
+) -> tuple["subprocess.Popen[bytes]", Server]:
+    port = port or free_port()
     environ = {
         **{key: value for key, value in os.environ.items() if not key.startswith("SHEAF_CONFIG")},
         "BENTOML_HOME": str(log.parent / "bentoml-home"),
@@ -88,43 +115,73 @@ def serve(
         **({"SHEAF_CONFIG_DIR": str(config_dir)} if config_dir else {}),
         **(env or {}),
     }
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    if service is None:
+        command = [BENTOML, "serve", target, *address]
+    else:
+        wiring = [arg for name, url in (depends or {}).items() for arg in ("--depends", f"{name}={url}")]
+        command = [*START_HTTP_SERVER, target, "--service-name", service, *address, *wiring]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd,
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = Server(f"http://127.0.0.1:{port}", log, process.pid)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
-            try:
-                probes = [f"/{name}/ready" for name in ready] or ["/readyz"]  # a deployment served alone: BentoML's
-                answers = [httpx.get(f"{server.url}{path}", headers=headers, timeout=2) for path in probes]
-            except httpx.TransportError:
-                answers = []
-            if answers and all(answer.status_code == 200 for answer in answers):
-                break
-            failed = [answer.text for answer in answers if "failed to load" in answer.text]
-            if failed:
-                raise RuntimeError(f"a deployment failed to load: {failed}\n{server.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in time:\n{server.log_text()[-3000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited already
-            os.killpg(process.pid, signal.SIGTERM)
+    return process, Server(f"http://127.0.0.1:{port}", log, process.pid)
+
+
+def wait_until_ready(
+    process: "subprocess.Popen[bytes]",
+    server: Server,
+    ready: tuple[str, ...] = (),
+    headers: dict[str, str] | None = None,
+) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()[-3000:]}")
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+            probes = [f"/{name}/ready" for name in ready] or ["/readyz"]  # a deployment served alone: BentoML's
+            answers = [httpx.get(f"{server.url}{path}", headers=headers, timeout=2) for path in probes]
+        except httpx.TransportError:
+            answers = []
+        if answers and all(answer.status_code == 200 for answer in answers):
+            return
+        failed = [answer.text for answer in answers if "failed to load" in answer.text]
+        if failed:
+            raise RuntimeError(f"a deployment failed to load: {failed}\n{server.log_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready in time:\n{server.log_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_server(process: "subprocess.Popen[bytes]") -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
+
+
+def serve_apart(
+    config_dir: Path, folder: Path, names: tuple[str, ...], env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Each deployment in `names` as a server of its own, and the entry service as another, told where
+    they listen by BentoML's own dependency mapping (`--depends name=URL`), as a distributed
+    deployment runs. The deployments start at once; the entry service once they are ready."""
+    started = {name: start_server(config_dir, folder / f"{name}.log", env, service=name) for name in names}
+    try:
+        for process, part in started.values():
+            wait_until_ready(process, part)
+        parts = {name: part for name, (_, part) in started.items()}
+        depends = {name: part.url for name, part in parts.items()}
+        for server in serve(config_dir, folder / "sheaf.log", env, names, service="sheaf", depends=depends):
+            server.parts = parts
+            yield server
+    finally:
+        for process, _ in started.values():
+            stop_server(process)
 
 
 def stream_events(server: Server, name: str, body: object, timeout: float = 120) -> list[dict[str, Any]]:
@@ -139,6 +196,7 @@ def stream_events(server: Server, name: str, body: object, timeout: float = 120)
 
 def worker_pids(server: Server, service: str) -> list[int]:
     """The processes that BentoML runs `service` in (`sheaf` for the entry service) under `server`."""
+    server = server.parts.get(service, server)  # served apart: under its own server
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -191,12 +249,12 @@ def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_demo_repo(tmp_path_factory.mktemp("feast") / "repo")
 
 
-@pytest.fixture(scope="session")
-def server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The entry service with `textgen` and `flux` on tiny models, `whisper` on the real tiny.en
-    weights, and `forecast` on a tiny TimesFM with the demo Feast store; each with fault
-    injection on cue (tests/faults.py)."""
-    configs = tmp_path_factory.mktemp("configs")
+DEPLOYMENTS = ("textgen", "flux", "whisper", "forecast")
+
+
+def write_test_configs(configs: Path, tiny_lm: Path, feature_repo: Path) -> Path:
+    """`textgen` and `flux` on tiny models, `whisper` on the real tiny.en weights, and `forecast` on a
+    tiny TimesFM with the demo Feast store; each with fault injection on cue (tests/faults.py)."""
     (configs / "textgen.yaml").write_text(
         f"""
 name: textgen
@@ -241,8 +299,36 @@ cache: {{enabled: true, ttl_s: 600}}
 feature_store: {{repo: "{feature_repo}"}}
 """
     )
+    return configs
+
+
+@pytest.fixture(scope="session")
+def together_server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The entry service and every deployment (`write_test_configs`) under one `bentoml serve`."""
+    configs = write_test_configs(tmp_path_factory.mktemp("configs"), tiny_lm, feature_repo)
     env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
-    yield from serve(configs, configs / "server.log", env=env, ready=("textgen", "flux", "whisper", "forecast"))
+    yield from serve(configs, configs / "server.log", env=env, ready=DEPLOYMENTS)
+
+
+@pytest.fixture(scope="session")
+def apart_server(tiny_lm: Path, feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same deployments, each a server of its own, and the entry service pointed at them."""
+    configs = write_test_configs(tmp_path_factory.mktemp("configs-apart"), tiny_lm, feature_repo)
+    env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
+    yield from serve_apart(configs, configs, DEPLOYMENTS, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest) -> Server:
+    """The served sheaf: `together_server`, or in a module marked `together_and_apart`, each
+    test once with `together_server` and once with `apart_server`."""
+    served: Server = request.getfixturevalue(f"{getattr(request, 'param', 'together')}_server")
+    return served
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" in metafunc.fixturenames and metafunc.definition.get_closest_marker("together_and_apart"):
+        metafunc.parametrize("server", ["together", "apart"], indirect=True, scope="module")
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from sheaf.gateway import tracing_settings
 from sheaf.streaming import SSEDecoder
 from tests.conftest import Server, predict_at_once
 
+pytestmark = pytest.mark.together_and_apart  # the contract holds with the deployments served apart too
+
 PROMPT = {"model_type": "text_generation", "model_name": "tiny", "prompt": "the quick brown fox", "max_new_tokens": 12}
 RESPONSE_FIELDS = {
     "request_id",

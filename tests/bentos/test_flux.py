@@ -16,6 +16,8 @@ from PIL import Image
 from sheaf.streaming import SSEDecoder
 from tests.conftest import Server, predict_at_once, stream_events
 
+pytestmark = pytest.mark.together_and_apart  # the contract holds with the deployments served apart too
+
 BASE = {"model_type": "diffusion", "prompt": "a red fox in snow", "height": 64, "width": 64, "num_inference_steps": 4}
 
 

@@ -8,6 +8,8 @@ import pytest
 from sheaf.api import TextGenerationRequest
 from tests.conftest import Server, predict_at_once, stream_events
 
+pytestmark = pytest.mark.together_and_apart  # the contract holds with the deployments served apart too
+
 BASE = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 8}
 HUGE = "the river flows " * 56_000  # 896,000 characters: within the 1 MB body limit, far over what 32k tokens hold
 

@@ -1,0 +1,78 @@
+"""A TCP round-robin in front of several replicas, as a Kubernetes Service (kube-proxy) is one: each
+new connection goes to the next replica that accepts it, and lives and dies with it."""
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+
+class RoundRobin:
+    def __init__(self, replicas: list[int]) -> None:
+        self.replicas = replicas  # ports on 127.0.0.1
+        self.connections: Counter[int] = Counter()  # accepted per replica, ever
+        self.open: Counter[int] = Counter()  # open now per replica
+        self._next = 0
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.port = 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["RoundRobin"]:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        assert self._started.wait(10), "the round-robin did not start"
+        try:
+            yield self
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._started.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        for _ in self.replicas:  # a replica that refuses (down, restarting) is skipped, as readiness would
+            port = self.replicas[self._next % len(self.replicas)]
+            self._next += 1
+            try:
+                replica_in, replica_out = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+            break
+        else:
+            client_out.close()
+            return
+        self.connections[port] += 1
+        self.open[port] += 1
+        try:
+            # Either side ending ends both: a dead replica drops its callers, a caller that leaves
+            # closes the replica's connection (which is how the replica learns to stop).
+            pipes = [
+                asyncio.ensure_future(_pipe(client_in, replica_out)),
+                asyncio.ensure_future(_pipe(replica_in, client_out)),
+            ]
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for pipe in pipes:
+                pipe.cancel()
+        finally:
+            self.open[port] -= 1
+            for writer in (replica_out, client_out):
+                writer.transport.abort()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := await source.read(65536):
+            sink.write(chunk)
+            await sink.drain()
