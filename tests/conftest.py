@@ -194,6 +194,18 @@ def stream_events(server: Server, name: str, body: object, timeout: float = 120)
         return [event for chunk in response.iter_raw() for event in decoder.feed(chunk)]
 
 
+def leave_stream_after(server: Server, name: str, body: object, events: int) -> None:
+    """Open `/{name}/stream`, read `events` events, and close the connection: a client that leaves."""
+    from sheaf.streaming import SSEDecoder
+
+    with httpx.stream("POST", f"{server.url}/{name}/stream", json=body, timeout=60) as response:
+        decoder, received = SSEDecoder(), 0
+        for chunk in response.iter_raw():
+            received += len(decoder.feed(chunk))
+            if received >= events:
+                return
+
+
 def worker_pids(server: Server, service: str) -> list[int]:
     """The processes that BentoML runs `service` in (`sheaf` for the entry service) under `server`."""
     server = server.parts.get(service, server)  # served apart: under its own server

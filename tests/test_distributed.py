@@ -13,8 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
-from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, predict_at_once, serve, start_server, stop_server, wait_until_ready
+from tests.conftest import (
+    Server,
+    leave_stream_after,
+    predict_at_once,
+    serve,
+    start_server,
+    stop_server,
+    wait_until_ready,
+)
 from tests.round_robin import RoundRobin
 
 PROMPT = {"model_type": "text_generation", "prompt": "the quick brown fox", "max_new_tokens": 16}
@@ -74,12 +81,7 @@ def test_load_spreads_over_both_replicas_each_batches_and_answers_equal_solo_run
 
 def test_a_dropped_stream_stops_on_the_replica_that_ran_it(two_replicas: Replicas) -> None:
     body = {**PROMPT, "request_id": "dropped-on-a-replica", "max_new_tokens": 30000}
-    with httpx.stream("POST", f"{two_replicas.entry.url}/textgen/stream", json=body, timeout=60) as response:
-        decoder, received = SSEDecoder(), 0
-        for chunk in response.iter_raw():
-            received += len(decoder.feed(chunk))
-            if received >= 3:
-                break
+    leave_stream_after(two_replicas.entry, "textgen", body, events=3)
     cancelled = r"stream dropped-on-a-replica cancelled after (\d+) tokens"
     deadline = time.monotonic() + 30
     while not (logs := [re.search(cancelled, r.log_text()) for r in two_replicas.replicas]) or not any(logs):

@@ -15,7 +15,7 @@ import pytest
 from sheaf import ResultEvent, SheafClient, TextGenerationRequest
 from sheaf.gateway import tracing_settings
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, predict_at_once
+from tests.conftest import Server, leave_stream_after, predict_at_once
 
 pytestmark = pytest.mark.together_and_apart  # the contract holds with the deployments served apart too
 
@@ -178,12 +178,7 @@ def test_health_and_ready(server: Server) -> None:
 
 def test_a_dropped_stream_stops_generation_and_frees_the_server(server: Server) -> None:
     body = {**PROMPT, "request_id": "dropped-1", "max_new_tokens": 30000}
-    with httpx.stream("POST", f"{server.url}/textgen/stream", json=body, timeout=60) as response:
-        decoder, received = SSEDecoder(), 0
-        for chunk in response.iter_raw():
-            received += len(decoder.feed(chunk))
-            if received >= 3:
-                break
+    leave_stream_after(server, "textgen", body, events=3)
     deadline = time.monotonic() + 30
     while not (match := re.search(r"stream dropped-1 cancelled after (\d+) tokens", server.log_text())):
         assert time.monotonic() < deadline, "the server never stopped generating"
