@@ -42,9 +42,9 @@ class ModelSource(_Strict):
 
 
 class Batching(_Strict):
-    """Adaptive batching, in the entry service (`sheaf.batching`): a batch leaves as soon as a
-    worker is free, with every predict that came while all were busy, up to `max_batch_size`.
-    There is no window to tune: at low load a predict waits for nothing."""
+    """Adaptive batching, in each replica of the deployment (`sheaf.batching`): a batch leaves as
+    soon as the model is free, with every predict that came while it was busy, up to
+    `max_batch_size`. There is no window to tune: at low load a predict waits for nothing."""
 
     max_batch_size: int = Field(8, ge=1, description="1 turns batching off.")
     max_queue_ms: int = Field(
@@ -63,7 +63,8 @@ class Batching(_Strict):
 
 
 class Limits(_Strict):
-    """When the deployment is full: past a limit a request gets 503 with `Retry-After`, at once."""
+    """When the deployment is full: past a limit a request gets 503 with `Retry-After`, at once.
+    Counted by each entry-service replica (`sheaf.gateway.Gate`)."""
 
     max_pending: int = Field(256, ge=1, description="Predict requests queued or running (batch items count).")
     max_streams: int = Field(32, ge=1, description="Streams open at once.")
@@ -71,13 +72,28 @@ class Limits(_Strict):
 
 
 class Cache(_Strict):
-    """The predict cache (streams never use it)."""
+    """The predict cache (streams never use it): in each replica's memory, or in Redis, which
+    every replica of the deployment shares."""
 
-    enabled: bool = False
-    max_entries: int = Field(1024, ge=1)
+    enabled: bool = Field(False, description="`backend: redis` turns it on unless this says false.")
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(
+        None, description="Redis URL for `backend: redis`, e.g. redis://redis:6379/1; ${VAR} reads the environment."
+    )
+    timeout_ms: int = Field(250, ge=1, description="Redis: the longest a lookup or store may take; past it, a miss.")
+    max_entries: int = Field(1024, ge=1, description="memory: entries kept (Redis evicts by its own maxmemory).")
     ttl_s: float = Field(60.0, gt=0)
-    max_mb: float = Field(64.0, gt=0, description="Memory budget for all entries; the oldest go first past it.")
+    max_mb: float = Field(64.0, gt=0, description="memory: budget for all entries; the oldest go first past it.")
     max_entry_mb: float = Field(1.0, gt=0, description="Answers larger than this are not kept.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> Cache:
+        if self.backend == "redis":
+            if not self.url:
+                raise ValueError("`backend: redis` needs `url`, e.g. redis://redis:6379/1")
+            if "enabled" not in self.model_fields_set:
+                self.enabled = True
+        return self
 
 
 class FeatureStore(_Strict):

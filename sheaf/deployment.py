@@ -11,8 +11,9 @@
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
   backend with `streams_alone` streams it on a thread of its own instead). A backend that
   `joins_running` runs every batch that way, and a stream or lone predict that arrives while
-  one runs joins it (`RunningCall`, from the moment its batch leaves the queue) when it has
-  room and nobody waits in the queue (`submit`). A failure before
+  one runs joins it (`RunningCall`, from the moment its batch leaves the queue) unless a
+  `/batch` group waits in the queue (`submit`); it waits there for room, first come first
+  served, rather than for the call to end. A failure before
   the first event is sent as an error event that also carries `status` and `body`, which
   the gateway turns into a plain HTTP error; a failure after it ends the stream with an
   `error` event. Streams never use the cache.
@@ -46,7 +47,7 @@ from sheaf.backends.base import (
     limit_torch_threads,
 )
 from sheaf.batching import Batcher, QueueFull
-from sheaf.cache import PredictCache, cache_key
+from sheaf.cache import cache_from_config, cache_key
 from sheaf.config import DeploymentConfig
 from sheaf.exceptions import InvalidRequest
 from sheaf.outcomes import Outcome, error_outcome, failure, success
@@ -70,7 +71,7 @@ class Deployment:
         self.config = config
         self.backend: Backend[Any, Any] = import_string(config.backend or backend)(config)
         self.features: FeatureStoreResolver | None = None
-        self.cache = PredictCache.from_config(config.cache) if config.cache.enabled else None
+        self.cache = cache_from_config(config.cache, config.name)
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self.running: RunningCall | None = None  # a joinable call in the model, while one runs
@@ -139,7 +140,7 @@ class Deployment:
     async def submit(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
         """One outcome per request, in order, from a model call shared with other callers' requests
         (`QueueFull` when none took them in time). A lone predict joins the call running now when
-        the backend `joins_running` and there is room; the rest queue for the next batch."""
+        the backend `joins_running`; the rest queue for the next batch."""
         if len(requests) == 1 and self._can_join():
             joined = await self._predict_in_running_call(requests[0])
             if joined is not None:
@@ -176,7 +177,7 @@ class Deployment:
             seat.cancel.set()
             if seat.queued is not None:
                 seat.queued.cancel()
-        self._remember(keys.get(0), outcome)
+        await self._remember(keys.get(0), outcome)
         self._log_predict(request, outcome, seat.batch_size)
         return _with_metadata(outcome, metadata[0])
 
@@ -216,7 +217,7 @@ class Deployment:
                 answers = await self._run_backend(model_requests, cancel)
             for i, outcome in zip(pending, answers, strict=False):  # the streams' answers went to their seats
                 outcomes[i] = outcome
-                self._remember(keys.get(i), outcome)
+                await self._remember(keys.get(i), outcome)
         if running is not None:
             joined = list(running.arrivals.taken.values())
             route = "stream" if streams or any(arrival.streaming for arrival in joined) else "predict"
@@ -241,11 +242,11 @@ class Deployment:
         outcomes: list[Outcome | None] = [None] * len(batch)
         metadata: list[dict[str, Any]] = [{} for _ in batch]
         await self._resolve_features(batch, outcomes, metadata)
-        return outcomes, metadata, self._answer_from_cache(batch, outcomes, metadata)
+        return outcomes, metadata, await self._answer_from_cache(batch, outcomes, metadata)
 
-    def _remember(self, key: str | None, outcome: Outcome) -> None:
+    async def _remember(self, key: str | None, outcome: Outcome) -> None:
         if self.cache is not None and key is not None and outcome["status"] == 200:
-            self.cache.put(key, outcome["body"])
+            await self.cache.store(key, outcome["body"])
 
     def _log_predict(self, request: BaseRequest[Any], outcome: Outcome, batch_size: int) -> None:
         logger.info(
@@ -309,8 +310,9 @@ class Deployment:
         return [failure(unanswered) if outcome is None else outcome for outcome in outcomes]
 
     def _joinable(self, count: int) -> RunningCall:
-        """The call about to run `count` requests, which others may join up to `max_batch_size`."""
-        self.running = RunningCall(count, self.config.batching.max_batch_size - count)
+        """The call about to run `count` requests, which others may join (up to `max_batch_size` rows
+        at a time: the backend takes them as it has room)."""
+        self.running = RunningCall(count)
         return self.running
 
     def _close(self, running: RunningCall | None) -> list[StreamSeat]:
@@ -340,21 +342,19 @@ class Deployment:
             return [failure(mismatch)] * len(requests)
         return [failure(r) if isinstance(r, BaseException) else success(r.model_dump(mode="json")) for r in results]
 
-    def _answer_from_cache(
+    async def _answer_from_cache(
         self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
     ) -> dict[int, str]:
-        """Fill cache hits in; the cache keys of the rest, to store their answers under."""
-        keys: dict[int, str] = {}
+        """Fill cache hits in (one lookup for the batch); the keys of the rest, to store their answers under."""
         if self.cache is None:
-            return keys
-        for i, request in enumerate(batch):
-            if outcomes[i] is not None:
-                continue
-            keys[i] = cache_key(request.model_dump(mode="json"))
-            hit = self.cache.get(keys[i])
+            return {}
+        keys = {i: cache_key(request.model_dump(mode="json")) for i, request in enumerate(batch) if outcomes[i] is None}
+        hits = await self.cache.get_many(list(keys.values()))
+        for i, hit in zip(list(keys), hits, strict=True):
             metadata[i]["cache_hit"] = hit is not None
             if hit is not None:
-                outcomes[i] = success({**hit, "request_id": request.request_id})
+                outcomes[i] = success({**hit, "request_id": batch[i].request_id})
+                del keys[i]
         return keys
 
     async def _resolve_features(
@@ -490,8 +490,8 @@ class Deployment:
                 seat.queued.cancel()
 
     def _join_running(self, seat: StreamSeat) -> bool:
-        """Seat the stream in the call running now, if it joins running calls and has room, and no
-        one waits in the queue (who would otherwise wait for as long as others keep joining)."""
+        """Seat the stream in the call running now, if it joins running calls and no one waits in the
+        queue (who would otherwise wait for as long as others keep joining)."""
         return self._can_join() and self.running is not None and self.running.join(seat)
 
     def _queue(self, seat: StreamSeat) -> None:

@@ -201,7 +201,9 @@ class Lane:
 class Gate:
     """Admission to one deployment: predicts pending and streams open, each under its limit.
 
-    The entry service runs in one process, so plain counters are exact; a refusal is at once.
+    Each entry-service process counts its own (it is one worker), so plain counters are exact and
+    a refusal is at once; with N entry-service replicas a deployment admits up to N times the
+    limits, which the README's "Replicas" says.
     """
 
     def __init__(self, limits: Limits) -> None:

@@ -34,12 +34,12 @@ class StreamSeat:
 
 
 class RunningCall:
-    """The call in the model of a backend that `joins_running`: streams that arrive while it runs
-    are offered to it, and join at its next step boundary while it has room."""
+    """The call in the model of a backend that `joins_running`: streams and lone predicts that
+    arrive while it runs are offered to it, and join at a step boundary once it has room, in the
+    order they came (so a long stream in the call never keeps them waiting for its end)."""
 
-    def __init__(self, first_index: int, room: int) -> None:
+    def __init__(self, first_index: int) -> None:
         self.arrivals = Arrivals()
-        self.arrivals.room = room  # until the backend keeps it
         self.joined: dict[int, StreamSeat] = {}
         self._next_index = first_index  # past every index of the batch it runs
 

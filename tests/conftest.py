@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.redis_server import RedisServer
 from tiny.models import build_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,6 +252,17 @@ def predict_at_once(
             return await asyncio.gather(*(client.post(f"/{name}/predict", json=body) for body in bodies))
 
     return asyncio.run(at_once())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, stopped after it."""
+    server = RedisServer(tmp_path, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

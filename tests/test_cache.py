@@ -1,17 +1,22 @@
 """The predict cache: keys ignore request_id, entries expire, the least recently used go first,
-and a byte budget bounds what it holds."""
+and a byte budget bounds what it holds; in Redis, replicas share entries and an outage is a miss."""
 
+import asyncio
 import math
 import random
+import socket
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pydantic_core
 
-from sheaf.cache import PredictCache, cache_key, json_size_at_least
+from sheaf.cache import PredictCache, RedisCache, cache_from_config, cache_key, json_size_at_least
 from sheaf.config import Cache
 from tests.conftest import Server
+from tests.redis_server import RedisServer
 
 
 class Clock:
@@ -169,3 +174,67 @@ def test_the_deployment_keeps_a_small_answer_and_not_a_large_one(server: Server)
 
     assert cache_hits(small) == [False, True]
     assert cache_hits(large) == [False, False]
+
+
+# ---------------------------------------------------------------- in Redis, shared by replicas
+
+
+def redis_cache(redis_server: RedisServer, deployment: str = "forecast", **settings: Any) -> RedisCache:
+    config = Cache(backend="redis", url=f"redis://{redis_server.address}/0", **settings)
+    cache = cache_from_config(config, deployment)
+    assert isinstance(cache, RedisCache)
+    return cache
+
+
+def test_two_replicas_share_what_either_stored_and_deployments_do_not(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        one, other = redis_cache(redis_server), redis_cache(redis_server)
+        assert await one.get_many(["k1", "k2"]) == [None, None]
+        assert await one.store("k1", {"mean": [1.5, math.nan]})
+        first, missing = await other.get_many(["k1", "k2"])
+        assert missing is None
+        assert first is not None and first["mean"][0] == 1.5 and math.isnan(first["mean"][1])
+        assert await redis_cache(redis_server, "textgen").get_many(["k1"]) == [None]
+
+    asyncio.run(scenario())
+
+
+def test_redis_entries_expire_and_large_answers_are_not_kept(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        cache = redis_cache(redis_server, ttl_s=0.3, max_entry_mb=0.01)
+        assert await cache.store("short-lived", answer())
+        assert not await cache.store("large", answer("x" * 20_000))
+        assert await cache.get_many(["short-lived", "large"]) == [answer(), None]
+        await asyncio.sleep(0.5)
+        assert await cache.get_many(["short-lived"]) == [None]
+
+    asyncio.run(scenario())
+
+
+def test_redis_down_is_a_quick_miss_and_hits_come_back_with_it(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        cache = redis_cache(redis_server)
+        assert await cache.store("kept", answer())
+        redis_server.stop()
+        started = time.monotonic()
+        for _ in range(20):  # refused at first, then not even tried while it backs off
+            assert await cache.get_many(["kept"]) == [None]
+            assert not await cache.store("other", answer())
+        assert time.monotonic() - started < 1
+        redis_server.start()  # no persistence: back, and empty
+        await asyncio.sleep(RedisCache.BACK_OFF_S + 0.1)
+        assert await cache.store("kept", answer("again"))
+        assert await cache.get_many(["kept"]) == [answer("again")]
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_redis_is_a_miss_within_the_timeout(tmp_path: Path) -> None:
+    # A server that accepts and never answers: what a Redis stalled by a long command looks like.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        cache = cache_from_config(Cache(backend="redis", url=url, timeout_ms=100), "forecast")
+        assert cache is not None
+        started = time.monotonic()
+        assert asyncio.run(cache.get_many(["k"])) == [None]
+        assert time.monotonic() - started < 0.5

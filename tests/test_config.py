@@ -44,6 +44,8 @@ def test_name_defaults_to_the_file_name_and_paths_resolve_against_it(tmp_path: P
             "model: {path: x}\nbatching: {max_latency_ms: 5}\n",
             "batching: Value error, `max_latency_ms` is now `max_queue_ms`",
         ),
+        ("model: {path: x}\ncache: {backend: redis}\n", "cache: Value error, `backend: redis` needs `url`"),
+        ("model: {path: x}\ncache: {backend: memcached}\n", "cache.backend: Input should be 'memory' or 'redis'"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -52,6 +54,18 @@ def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -
         load_config(path)
     assert str(error.value).startswith(f"{path}: ")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "enabled"),
+    [
+        ("cache: {backend: redis, url: 'redis://127.0.0.1:6379/0'}", True),  # asking for Redis turns it on
+        ("cache: {backend: redis, url: 'redis://127.0.0.1:6379/0', enabled: false}", False),
+        ("cache: {max_entries: 10}", False),
+    ],
+)
+def test_a_redis_cache_is_on_unless_it_says_off(tmp_path: Path, settings: str, enabled: bool) -> None:
+    assert load_config(write(tmp_path, f"model: {{path: x}}\n{settings}\n")).cache.enabled is enabled
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,16 @@ import pytest
 from PIL import Image
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import ROOT, Server, speak
+from tests.conftest import (
+    DEPLOYMENTS,
+    ROOT,
+    Server,
+    free_port,
+    speak,
+    stop_server,
+    wait_until_ready,
+    write_test_configs,
+)
 
 README = (ROOT / "README.md").read_text()
 
@@ -118,3 +127,37 @@ def test_the_command_line_examples_run(default_server: Server, tmp_path: Path) -
     assert "tomorrow morning" in (tmp_path / "meeting.txt").read_text().lower()
     forecast = json.loads(done.stdout[done.stdout.index("{") :])
     assert len(forecast["mean"]) == 4
+
+
+def test_the_commands_that_serve_each_service_on_its_own_run(tiny_lm: Path, feature_repo: Path, tmp_path: Path) -> None:
+    """The "Each service on its own" block as written (on free ports, with the test configs)."""
+    block = next(block for block in blocks("bash") if "start-http-server" in block)
+    ports = {port: free_port() for port in range(3000, 3005)}
+    script = block.replace(".venv/bin/python", sys.executable)
+    for port, free in ports.items():
+        script = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free}").replace(f"--port {port}", f"--port {free}")
+    configs = write_test_configs(tmp_path, tiny_lm, feature_repo)
+    env = {
+        **os.environ,
+        "SHEAF_CONFIG_DIR": str(configs),
+        "SHEAF_CACHE_DIR": str(configs / "cache"),
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+    }
+    with (tmp_path / "servers.log").open("wb") as log:
+        servers = subprocess.Popen(
+            ["bash", "-c", f"{script}\nwait"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    entry = Server(f"http://127.0.0.1:{ports[3000]}", tmp_path / "servers.log", servers.pid)
+    try:
+        wait_until_ready(servers, entry, DEPLOYMENTS)
+        body = {"model_type": "text_generation", "prompt": "hello", "max_new_tokens": 4}
+        answer = httpx.post(f"{entry.url}/textgen/predict", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert httpx.get(f"{entry.url}/readyz", timeout=10).status_code == 200
+    finally:
+        stop_server(servers)  # the servers are in its session: each stops its workers

@@ -293,6 +293,27 @@ def test_a_textgen_predict_joins_a_running_stream_and_answers_before_it_ends(ser
     assert re.search(r"textgen predict request_id=tg-predict-joins status=200 batch=2", server.log_text())
 
 
+def test_more_predicts_than_a_running_call_has_room_for_join_as_rows_end_not_after_it(server: Server) -> None:
+    # textgen's test config: max_batch_size 16, so 19 predicts beside the long stream do not all fit at once.
+    long = {"prompt": "Once", "max_new_tokens": 30000, "request_id": "tg-long-for-many"}
+    many = [{"prompt": f"Many {i}", "max_new_tokens": 6, "request_id": f"tg-many-{i}"} for i in range(19)]
+
+    async def run() -> tuple[list[httpx.Response], bool]:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+            long_stream_running(client, long) as running,
+        ):
+            answers = await asyncio.gather(*(client.post("/textgen/predict", json=body) for body in many))
+            return list(answers), not running.done()
+
+    answers, long_still_running = asyncio.run(run())
+    assert [answer.status_code for answer in answers] == [200] * len(many), [a.text for a in answers]
+    assert long_still_running  # none waited for the long generation to end
+    assert max(answer.json()["metadata"]["batch_size"] for answer in answers) <= 16
+    expected = solo_predicts(server, "textgen", many[:2])
+    assert [answer.json()["text"] for answer in answers[:2]] == [answer["text"] for answer in expected]
+
+
 def test_textgen_streams_and_predicts_share_a_batch_and_answer_as_alone(server: Server) -> None:
     streamed = [{"prompt": f"Mixed {i}", "max_new_tokens": 10 + i, "request_id": f"tgm-s{i}"} for i in range(3)]
     predicted = [{"prompt": f"Mixed {i}", "max_new_tokens": 10 + i, "request_id": f"tgm-p{i}"} for i in range(3, 5)]

@@ -17,9 +17,10 @@ A `Backend` is what a deployment calls:
   it should stop soon. The default emits one `ResultEvent` per request from
   `predict_batch`, so a backend streams in batches with no code of its own. A backend that
   sets `joins_running` also takes the streams that arrive while its call runs, from
-  `arrivals`, at a step boundary (continuous batching); they are emitted under the indices
-  `arrivals` gives them. `streaming[index]` False marks a predict that shares the call: it
-  needs its result only, and the backend may skip its other events (None: all stream).
+  `arrivals`, at each step boundary as far as it has room, oldest first (continuous
+  batching); they are emitted under the indices `arrivals` gives them. `streaming[index]`
+  False marks a predict that shares the call: it needs its result only, and the backend may
+  skip its other events (None: all stream).
 - `stream(request, cancel)` yields one request's events as the model produces them, ending
   with a `ResultEvent`; the default runs `stream_batch` for it alone. A backend that sets
   `streams_alone` has each of its streams run `stream` on a thread of its own, sharing no
@@ -270,14 +271,12 @@ class Arrival:
 
 class Arrivals:
     """Streams that join a running `stream_batch` (a backend with `joins_running`), handed over between
-    the event loop, which offers them while the call runs, and the model's thread, which takes what it
-    has `room` for at a step boundary. Once closed (the call has ended) it takes no more; what it still
-    holds then goes back to the queue.
+    the event loop, which offers them while the call runs, and the model's thread, which takes as many
+    as it has room for at each step boundary, oldest first; the others wait for rows to end. Once
+    closed (the call has ended) it takes no more; what it still holds then goes back to the queue.
     """
 
     def __init__(self) -> None:
-        self.room = 0
-        """How many more rows the running call has space for; the backend keeps it current."""
         self.taken: dict[int, Arrival] = {}
         """Every arrival the call took, by its index."""
         self._waiting: list[Arrival] = []
@@ -285,19 +284,18 @@ class Arrivals:
         self._lock = threading.Lock()
 
     def offer(self, arrival: Arrival) -> bool:
-        """Hand `arrival` over (its index one the call has not used); False when the call has ended or
-        has no room for it."""
+        """Hand `arrival` over (its index one the call has not used); False once the call has ended."""
         with self._lock:
-            if not self._open or len(self._waiting) >= self.room:
+            if not self._open:
                 return False
             self._waiting.append(arrival)
             return True
 
-    def take(self) -> list[Arrival]:
-        """What has arrived since the last take and is still wanted, in order."""
+    def take(self, room: int) -> list[Arrival]:
+        """Up to `room` of those that have arrived and are still wanted, oldest first; the rest wait."""
         with self._lock:
-            waiting, self._waiting = self._waiting, []
-        wanted = [arrival for arrival in waiting if not arrival.cancel.is_set()]
+            self._waiting = [arrival for arrival in self._waiting if not arrival.cancel.is_set()]
+            wanted, self._waiting = self._waiting[: max(room, 0)], self._waiting[max(room, 0) :]
         self.taken.update((arrival.index, arrival) for arrival in wanted)
         return wanted
 

@@ -143,7 +143,7 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
     ) -> None:
         """One decoding batch: each row's settled text goes to its stream as a token event at every
         step, and its result as soon as it ends (at its own max_new_tokens, stop string or EOS) while
-        the others go on. Streams from `arrivals` join at a token boundary while there is room;
+        the others go on. Streams from `arrivals` join at a token boundary as rows end and make room;
         decoding stops once every row has ended or left and nobody is arriving."""
         rows, where = self.prepare_streams(requests, emit)
         seated = [
@@ -164,9 +164,9 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
             else:
                 emit(row.index, ResultEvent(response=self._result(row)))
 
-        def arrived() -> list[_Row]:
+        def arrived(room: int) -> list[_Row]:
             joining: list[_Row] = []
-            for arrival in arrivals.take() if arrivals is not None else []:
+            for arrival in arrivals.take(room) if arrivals is not None else []:
                 prepared = self._prepared(arrival.request)  # type: ignore[arg-type]  # only this backend's requests
                 if isinstance(prepared, Exception):
                     emit(arrival.index, prepared)
@@ -175,19 +175,18 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
             return joining
 
         if seated or arrivals is not None:
-            self._decode(seated, finished, release, arrived if arrivals is not None else None, arrivals)
+            self._decode(seated, finished, release, arrived if arrivals is not None else None)
 
     def _decode(
         self,
         rows: list[_Row],
         finished: Callable[[_Row], None],
         release: Callable[[_Row, str], None] | None = None,
-        arrived: Callable[[], list[_Row]] | None = None,
-        arrivals: Arrivals | None = None,
+        arrived: Callable[[int], list[_Row]] | None = None,
     ) -> None:
         """Decode `rows` together, one token each per step, until every one has ended or left; each
         one's settled text goes to `release` as it comes, and the row to `finished` once it ends. At
-        each step the rows `arrived()` returns join while `arrivals` has room for them."""
+        each step the rows `arrived(room)` returns join, up to `max_batch_size` rows in all."""
         batch = DecodeBatch(self.model, self.tokenizer.pad_token_id)
         active: list[_Row] = []
         joining = rows
@@ -195,9 +194,8 @@ class TextGenerationBackend(BatchBackend[TextGenerationRequest, TextGenerationRe
         room = self.config.batching.max_batch_size
         try:
             while True:
-                if arrived is not None and arrivals is not None and batch.can_join:
-                    joining = joining + arrived()
-                    arrivals.room = room - len(active) - len(joining)
+                if arrived is not None and batch.can_join:
+                    joining = joining + arrived(room - len(active) - len(joining))
                 if joining:
                     started = time.perf_counter()
                     for row in joining:

@@ -222,7 +222,7 @@ def test_a_predict_sharing_a_decoding_batch_gets_its_result_only(backend: TextGe
     assert isinstance(got[1][0], TokenEvent) and isinstance(got[1][-1], ResultEvent)
 
 
-def test_arrivals_join_only_while_the_batch_has_room(tiny_model: Path) -> None:
+def test_arrivals_join_as_the_batch_makes_room_oldest_first(tiny_model: Path) -> None:
     config = DeploymentConfig(
         name="textgen",
         model=ModelSource(path=str(tiny_model)),
@@ -233,14 +233,20 @@ def test_arrivals_join_only_while_the_batch_has_room(tiny_model: Path) -> None:
     small.load()
     arrivals = Arrivals()
     offered: list[bool] = []
+    ended: list[int] = []
 
     def emit(index: int, event: Any) -> None:
         if index == 0 and not offered:
-            offered.extend(arrivals.offer(Arrival(i, request(request_id=f"r{i}"), threading.Event())) for i in (2, 3))
+            late = {i: request(max_new_tokens=30, request_id=f"r{i}") for i in (2, 3)}
+            offered.extend(arrivals.offer(Arrival(i, req, threading.Event())) for i, req in late.items())
+        if isinstance(event, ResultEvent):
+            ended.append(index)
+            assert event.response.metadata["batch_size"] <= 2  # never more rows than max_batch_size
 
-    small.stream_batch([request(max_new_tokens=20)], [threading.Event()], emit, arrivals)
-    assert offered == [True, False]  # one more row fits beside the running one; the second waits its turn
-    assert arrivals.close() == [] and sorted(arrivals.taken) == [2]
+    small.stream_batch([request(max_new_tokens=10)], [threading.Event()], emit, arrivals)
+    assert offered == [True, True]  # both wait: one joins beside the running row, the other once a row ends
+    assert ended == [0, 2, 3]  # r3 ran within the call, not after it
+    assert arrivals.close() == [] and sorted(arrivals.taken) == [2, 3]
 
 
 def test_the_seed_decides_the_sample(backend: TextGenerationBackend) -> None:
