@@ -27,6 +27,10 @@ class Flux(DeploymentService):
         return await self.answer(requests)
 
     @bentoml.api
+    async def check(self, request: DiffusionRequest) -> Annotated[Outcome, JSON]:
+        return await self.checked(request)
+
+    @bentoml.api
     async def stream(self, request: DiffusionRequest) -> AsyncGenerator[str, None]:
         async for frame in self.frames(request):
             yield frame

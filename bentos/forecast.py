@@ -27,6 +27,10 @@ class Forecast(DeploymentService):
         return await self.answer(requests)
 
     @bentoml.api
+    async def check(self, request: ForecastRequest) -> Annotated[Outcome, JSON]:
+        return await self.checked(request)
+
+    @bentoml.api
     async def stream(self, request: ForecastRequest) -> AsyncGenerator[str, None]:
         async for frame in self.frames(request):
             yield frame

@@ -25,9 +25,11 @@ from sheaf.api import (
     TranscriptionRequest,
     TranscriptionResponse,
 )
+from sheaf.api.jobs import JobAccepted
 from sheaf.arbiter import private_control_sockets
 from sheaf.config import check_config_dir
 from sheaf.gateway import BatchItem, Gateway, contract_middlewares, probes, tracing_settings
+from sheaf.job_routes import job_board, job_routes, submit
 from sheaf.metrics import own_multiprocess_dir
 from sheaf.outcomes import Outcome
 from sheaf.service import TIMEOUT_MARGIN_S
@@ -50,6 +52,10 @@ class FluxRoutes(Gateway):
         async for chunk in self.lanes["flux"].stream(request, ctx):
             yield chunk
 
+    @bentoml.api(route="/flux/jobs")
+    async def flux_jobs(self, request: DiffusionRequest, /, ctx: bentoml.Context) -> JobAccepted:
+        return await submit(self.jobs, "flux", request, ctx)  # type: ignore[no-any-return]
+
     @bentoml.api(route="/flux/batch")
     async def flux_batch(self, requests: list[BatchItem[DiffusionRequest]], /, ctx: bentoml.Context) -> list[Outcome]:
         return await self.lanes["flux"].batch(requests, ctx)
@@ -66,6 +72,10 @@ class ForecastRoutes(Gateway):
     async def forecast_stream(self, request: ForecastRequest, /, ctx: bentoml.Context) -> AsyncGenerator[str, None]:
         async for chunk in self.lanes["forecast"].stream(request, ctx):
             yield chunk
+
+    @bentoml.api(route="/forecast/jobs")
+    async def forecast_jobs(self, request: ForecastRequest, /, ctx: bentoml.Context) -> JobAccepted:
+        return await submit(self.jobs, "forecast", request, ctx)  # type: ignore[no-any-return]
 
     @bentoml.api(route="/forecast/batch")
     async def forecast_batch(
@@ -88,6 +98,10 @@ class TextGenRoutes(Gateway):
         async for chunk in self.lanes["textgen"].stream(request, ctx):
             yield chunk
 
+    @bentoml.api(route="/textgen/jobs")
+    async def textgen_jobs(self, request: TextGenerationRequest, /, ctx: bentoml.Context) -> JobAccepted:
+        return await submit(self.jobs, "textgen", request, ctx)  # type: ignore[no-any-return]
+
     @bentoml.api(route="/textgen/batch")
     async def textgen_batch(
         self, requests: list[BatchItem[TextGenerationRequest]], /, ctx: bentoml.Context
@@ -107,6 +121,10 @@ class WhisperRoutes(Gateway):
         async for chunk in self.lanes["whisper"].stream(request, ctx):
             yield chunk
 
+    @bentoml.api(route="/whisper/jobs")
+    async def whisper_jobs(self, request: TranscriptionRequest, /, ctx: bentoml.Context) -> JobAccepted:
+        return await submit(self.jobs, "whisper", request, ctx)  # type: ignore[no-any-return]
+
     @bentoml.api(route="/whisper/batch")
     async def whisper_batch(
         self, requests: list[BatchItem[TranscriptionRequest]], /, ctx: bentoml.Context
@@ -123,9 +141,10 @@ ROUTES: Sequence[tuple[bentoml.Service[Any], type[Gateway]]] = (
 CONFIGURED = [(service, routes) for service, routes in ROUTES if service.inner.deployment_config is not None]
 SERVED = [service for service, _ in CONFIGURED]
 check_config_dir(served=[service.name for service in SERVED])
+JOBS = job_board(SERVED)
 
 
-@bentoml.asgi_app(probes(SERVED), path="/", name="probes")
+@bentoml.asgi_app(probes(SERVED, job_routes(JOBS)), path="/", name="probes")
 # BentoML's timeout only bounds the time to a stream's first byte; sheaf's own deadlines come first.
 @bentoml.service(
     name="sheaf",
@@ -133,9 +152,11 @@ check_config_dir(served=[service.name for service in SERVED])
     tracing=tracing_settings(),
 )
 class Sheaf(*(routes for _, routes in CONFIGURED)):  # type: ignore[misc]
-    """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/health and /{name}/ready per deployment."""
+    """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/jobs, /{name}/health and /{name}/ready
+    per deployment."""
 
     deployments = SERVED
+    jobs = JOBS
 
 
 for middleware, options in contract_middlewares(SERVED):

@@ -27,6 +27,10 @@ class Whisper(DeploymentService):
         return await self.answer(requests)
 
     @bentoml.api
+    async def check(self, request: TranscriptionRequest) -> Annotated[Outcome, JSON]:
+        return await self.checked(request)
+
+    @bentoml.api
     async def stream(self, request: TranscriptionRequest) -> AsyncGenerator[str, None]:
         async for frame in self.frames(request):
             yield frame

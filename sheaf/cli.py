@@ -7,6 +7,8 @@
     sheaf stream textgen --json '{"prompt": "Once upon a time"}'                    # tokens as they come
     sheaf stream flux --json '{"prompt": "a fox"}' --events                         # JSON Lines, the wire form
     sheaf health textgen ; sheaf ready textgen                                      # exit 1 while not ready
+    sheaf submit flux --json '{"prompt": "a fox"}'                                  # {"job_id": "flux-…", …}
+    sheaf watch flux-0123abcd…                                                      # as `stream`, resumable
 
 `--url` (or `SHEAF_URL`) names the server, by default http://127.0.0.1:3000. The request type comes from
 `model_type` in the JSON, else from the deployment name (flux, whisper, textgen, forecast). `--events -o FILE`
@@ -21,6 +23,7 @@ import base64
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,10 +32,13 @@ from pydantic import ValidationError
 from sheaf.api import (
     BaseRequest,
     BaseResponse,
+    CancelledEvent,
     DiffusionRequest,
     DiffusionResponse,
     ForecastRequest,
+    JobEvent,
     ProgressEvent,
+    QueuedEvent,
     ResultEvent,
     SegmentEvent,
     TextGenerationRequest,
@@ -41,7 +47,7 @@ from sheaf.api import (
     TranscriptionRequest,
     TranscriptionResponse,
 )
-from sheaf.client import DEFAULT_URL, SheafClient
+from sheaf.client import DEFAULT_URL, SheafClient, deployment_of
 from sheaf.exceptions import HTTPStatusError, ServerError, StreamError, TransportError, describe_detail
 from sheaf.streaming import event_payload
 
@@ -101,14 +107,14 @@ def save(name: str, response: BaseResponse, output: str | None) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def stream(client: SheafClient, args: argparse.Namespace, request: BaseRequest[Any]) -> None:
+def show(events: Iterator[JobEvent], args: argparse.Namespace) -> None:
     """Print events as they arrive (or each as a JSON line with `--events`), then handle the result."""
     if args.events and args.output == "-":
         raise UsageError("--events prints the events on stdout: give -o FILE, not -o -")
     unfinished: TextIO | None = None  # where a progress bar or streamed text still waits for its newline
     result: BaseResponse | None = None
     try:
-        for event in client.stream(args.name, request):
+        for event in events:
             if isinstance(event, ResultEvent):
                 result = event.response
             if args.events:
@@ -124,6 +130,12 @@ def stream(client: SheafClient, args: argparse.Namespace, request: BaseRequest[A
             elif isinstance(event, SegmentEvent):
                 segment = event.segment
                 print(f"[{segment.start:.2f} → {segment.end:.2f}] {segment.text.strip()}", flush=True)
+            elif isinstance(event, QueuedEvent):
+                print(f"\r{args.name} queued, {event.position} ahead", end="", file=sys.stderr, flush=True)
+                unfinished = sys.stderr
+            elif isinstance(event, CancelledEvent):
+                print(f"\r{args.name} job cancelled", end="", file=sys.stderr, flush=True)
+                unfinished = sys.stderr
     finally:
         if unfinished is not None:
             print(file=unfinished, flush=True)
@@ -149,6 +161,16 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--output", metavar="PATH", help="the output file, - for stdout (NAME-ID.EXT)")
         if command == "stream":
             sub.add_argument("--events", action="store_true", help="print every event as a JSON line instead")
+    summary = "queue a job, which runs whether or not anyone watches; prints its id"
+    sub = commands.add_parser("submit", help=summary, description=summary)
+    sub.add_argument("name", help="the deployment, such as flux, whisper, textgen or forecast")
+    sub.add_argument("--json", help="the request: JSON text, @FILE, or - for stdin")
+    sub.add_argument("--audio", type=Path, metavar="PATH", help="an audio file, sent base64 as `audio_b64`")
+    summary = "follow a job's events, from its first (again after a dropped connection), then its result"
+    sub = commands.add_parser("watch", help=summary, description=summary)
+    sub.add_argument("job_id", help="as `submit` printed it")
+    sub.add_argument("-o", "--output", metavar="PATH", help="the output file, - for stdout (NAME-ID.EXT)")
+    sub.add_argument("--events", action="store_true", help="print every event as a JSON line instead")
     for command in ("health", "ready"):
         commands.add_parser(command, help=f"the deployment's {command} probe").add_argument("name")
     return main_parser
@@ -168,11 +190,20 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(json.dumps(answer))
                 return 0
+            if args.command == "watch":
+                try:
+                    args.name = deployment_of(args.job_id)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from exc
+                show(client.events(args.job_id), args)
+                return 0
             request = build_request(args.name, args.json, args.audio)
             if args.command == "predict":
                 save(args.name, client.predict(args.name, request), args.output)
+            elif args.command == "submit":
+                print(json.dumps(client.submit(args.name, request).model_dump(mode="json")))
             else:
-                stream(client, args, request)
+                show(client.stream(args.name, request), args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

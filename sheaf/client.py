@@ -7,21 +7,30 @@
 
 `predict` returns the deployment's typed response; `stream` yields typed events and ends
 with a `ResultEvent` (an `error` event raises `StreamError`); `batch` sends requests the
-caller batched itself and answers each with its response or its own error. Errors are in
-`sheaf.exceptions`.
+caller batched itself and answers each with its response or its own error. Jobs outlive
+the connection: `submit` queues one, `job` says where it is, `events` follows its log (and
+resumes by itself, from the last event it got, when the connection drops), `cancel` stops
+it. Errors are in `sheaf.exceptions`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from sheaf.api.base import BaseRequest, ResponseT
-from sheaf.api.events import ErrorEvent, ResultEvent, StreamEvent, parse_event
+from sheaf.api.audio import TranscriptionResponse
+from sheaf.api.base import BaseRequest, BaseResponse, ResponseT
+from sheaf.api.diffusion import DiffusionResponse
+from sheaf.api.events import ErrorEvent, JobEvent, ResultEvent, StreamEvent, parse_event, parse_job_event
+from sheaf.api.forecast import ForecastResponse
+from sheaf.api.jobs import JobAccepted, JobInfo
+from sheaf.api.textgen import TextGenerationResponse
 from sheaf.exceptions import (
     ClientError,
     FeatureEntityNotFound,
@@ -40,6 +49,69 @@ from sheaf.streaming import SSEDecoder
 API_KEY_ENV = "SHEAF_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+RESPONSES: dict[str, type[BaseResponse]] = {
+    "flux": DiffusionResponse,
+    "whisper": TranscriptionResponse,
+    "textgen": TextGenerationResponse,
+    "forecast": ForecastResponse,
+}
+"""The response type of each shipped deployment, for a job's result."""
+RESUME_TRIES = 5  # reconnections in a row, each after a longer wait, before `events` gives up
+
+
+def deployment_of(job_id: str) -> str:
+    """The deployment a job id belongs to (ids are `{name}-{hex}`)."""
+    name, dash, rest = job_id.partition("-")
+    if not (dash and name and rest):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return name
+
+
+class _JobEvents:
+    """A job's SSE event log as typed events, remembering the last id for a resume."""
+
+    def __init__(self, job_id: str, response_model: type[BaseResponse] | None, after: int) -> None:
+        self.name = deployment_of(job_id)
+        self.path = f"/{self.name}/jobs/{job_id}/events"
+        self.response_model = response_model or RESPONSES.get(self.name, BaseResponse)
+        self.last = after
+        self.finished = False
+        self.failures = 0  # reconnections since the last event
+
+    def start(self) -> SSEDecoder:
+        return SSEDecoder()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"last-event-id": str(self.last)}
+
+    def feed(self, decoder: SSEDecoder, chunk: bytes) -> list[JobEvent]:
+        events: list[JobEvent] = []
+        for event_id, payload in decoder.feed_with_ids(chunk):
+            if self.finished:
+                raise StreamError("the server sent events after the final one")
+            if event_id is not None:
+                self.last = int(event_id)
+            self.failures = 0
+            event = parse_job_event(payload, self.response_model)
+            if isinstance(event, ErrorEvent):
+                raise StreamError(event.error, event.code)
+            self.finished = bool(payload.get("done"))
+            events.append(event)
+        return events
+
+    def retry_in(self, cause: Exception) -> float:
+        """How long to wait before the next try; raises once it has failed RESUME_TRIES times running."""
+        self.failures += 1
+        if self.failures > RESUME_TRIES:
+            if isinstance(cause, httpx.TransportError):
+                raise TransportError(str(cause) or type(cause).__name__) from cause
+            raise StreamError(str(cause)) from cause
+        return float(min(0.25 * 2 ** (self.failures - 1), 4.0))
+
+
+class _Cut(Exception):
+    """A job's event stream ended cleanly before its last event (a proxy closed it)."""
 
 
 def _body(request: BaseRequest[Any]) -> dict[str, Any]:
@@ -172,6 +244,49 @@ class AsyncSheafClient:
             raise TransportError(str(exc) or type(exc).__name__) from exc
         return _batch_results(requests, response)
 
+    async def submit(self, name: str, request: BaseRequest[Any]) -> JobAccepted:
+        """Queue a job: `{job_id, status, position}` at once; the work runs whether or not anyone reads it."""
+        return JobAccepted.model_validate(await self._call("POST", f"/{name}/jobs", json=_body(request)))
+
+    async def job(self, job_id: str) -> JobInfo:
+        """Where the job is: queued (and its position), running (and its last progress), or finished."""
+        return JobInfo.model_validate(await self._call("GET", f"/{deployment_of(job_id)}/jobs/{job_id}"))
+
+    async def cancel(self, job_id: str) -> JobInfo:
+        """Stop the job (a queued one never starts); where it is then."""
+        return JobInfo.model_validate(await self._call("DELETE", f"/{deployment_of(job_id)}/jobs/{job_id}"))
+
+    async def events(
+        self, job_id: str, response_model: type[BaseResponse] | None = None, *, after: int = 0
+    ) -> AsyncIterator[JobEvent]:
+        """The job's events after the one numbered `after`, then live ones, to its last: a `ResultEvent`
+        or a `CancelledEvent` (its `error` raises `StreamError`). A dropped connection is resumed
+        from the last event received, with none missed and none twice."""
+        log = _JobEvents(job_id, response_model, after)
+        while not log.finished:
+            try:
+                async with self._http.stream("GET", log.path, headers=log.headers) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        _check(response)
+                    decoder = log.start()
+                    async for chunk in response.aiter_raw():
+                        for event in log.feed(decoder, chunk):
+                            yield event
+                if not log.finished:
+                    raise _Cut("the job's events ended before its last one")
+            except (httpx.TransportError, _Cut) as exc:  # dropped: resume from the last event
+                await asyncio.sleep(log.retry_in(exc))
+
+    async def _call(self, method: str, path: str, **options: Any) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, **options)
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        _check(response)
+        result: dict[str, Any] = response.json()
+        return result
+
     async def health(self, name: str) -> dict[str, Any]:
         return await self._get(f"/{name}/health")
 
@@ -244,6 +359,48 @@ class SheafClient:
         except httpx.TransportError as exc:
             raise TransportError(str(exc) or type(exc).__name__) from exc
         return _batch_results(requests, response)
+
+    def submit(self, name: str, request: BaseRequest[Any]) -> JobAccepted:
+        """Queue a job: `{job_id, status, position}` at once; the work runs whether or not anyone reads it."""
+        return JobAccepted.model_validate(self._call("POST", f"/{name}/jobs", json=_body(request)))
+
+    def job(self, job_id: str) -> JobInfo:
+        """Where the job is: queued (and its position), running (and its last progress), or finished."""
+        return JobInfo.model_validate(self._call("GET", f"/{deployment_of(job_id)}/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Stop the job (a queued one never starts); where it is then."""
+        return JobInfo.model_validate(self._call("DELETE", f"/{deployment_of(job_id)}/jobs/{job_id}"))
+
+    def events(
+        self, job_id: str, response_model: type[BaseResponse] | None = None, *, after: int = 0
+    ) -> Iterator[JobEvent]:
+        """The job's events after the one numbered `after`, then live ones, to its last: a `ResultEvent`
+        or a `CancelledEvent` (its `error` raises `StreamError`). A dropped connection is resumed
+        from the last event received, with none missed and none twice."""
+        log = _JobEvents(job_id, response_model, after)
+        while not log.finished:
+            try:
+                with self._http.stream("GET", log.path, headers=log.headers) as response:
+                    if not response.is_success:
+                        response.read()
+                        _check(response)
+                    decoder = log.start()
+                    for chunk in response.iter_raw():
+                        yield from log.feed(decoder, chunk)
+                if not log.finished:
+                    raise _Cut("the job's events ended before its last one")
+            except (httpx.TransportError, _Cut) as exc:  # dropped: resume from the last event
+                time.sleep(log.retry_in(exc))
+
+    def _call(self, method: str, path: str, **options: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **options)
+        except httpx.TransportError as exc:
+            raise TransportError(str(exc) or type(exc).__name__) from exc
+        _check(response)
+        result: dict[str, Any] = response.json()
+        return result
 
     def health(self, name: str) -> dict[str, Any]:
         return self._get(f"/{name}/health")

@@ -69,6 +69,7 @@ class Limits(_Strict):
     max_pending: int = Field(256, ge=1, description="Predict requests queued or running (batch items count).")
     max_streams: int = Field(32, ge=1, description="Streams open at once.")
     retry_after_s: int = Field(1, ge=0, description="The `Retry-After` of a 503.")
+    max_queued_jobs: int = Field(64, ge=1, description="Jobs waiting to run (`POST /{name}/jobs`); then 503.")
 
 
 class Cache(_Strict):
@@ -178,8 +179,25 @@ class ClientTimeouts(_Strict):
     )
 
 
+class Jobs(_Strict):
+    """Where jobs (`/{name}/jobs`) and their event logs are kept, and for how long."""
+
+    store: Literal["sqlite", "redis"] = "sqlite"
+    path: str | None = Field(None, description="sqlite: the file; default jobs.sqlite3 in the cache folder.")
+    url: str | None = Field(None, description="redis: e.g. redis://redis:6379/2; ${VAR} reads the environment.")
+    ttl_s: float = Field(86_400, gt=0, description="How long a finished job is kept.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> Jobs:
+        if self.store == "redis" and not self.url:
+            raise ValueError("`store: redis` needs `url`, e.g. redis://redis:6379/2")
+        return self
+
+
 class ServerConfig(_Strict):
     """`sheaf.yaml`: what the entry service does for every deployment."""
+
+    jobs: Jobs = Jobs()
 
     auth: Auth = Auth()
     client_timeouts: ClientTimeouts = ClientTimeouts()

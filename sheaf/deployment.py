@@ -128,6 +128,20 @@ class Deployment:
             self.loaded.set()
             logger.info("deployment %s loaded in %.1f s", self.config.name, time.perf_counter() - started)
 
+    async def check(self, request: BaseRequest[Any]) -> Outcome:
+        """What the request alone would be refused for before the model runs (200: nothing), as a
+        job is checked before it queues."""
+        if unavailable := self._unavailable():
+            return unavailable
+        try:
+            if self.backend.quick_check(request):
+                self.backend.check(request)
+            else:
+                await asyncio.to_thread(self.backend.check, request)
+        except Exception as exc:
+            return failure(exc)
+        return success({"status": "ok"})
+
     def ready(self) -> Outcome:
         return self._unavailable() or success({"status": "ready", "model": self.config.name})
 

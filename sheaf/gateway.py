@@ -38,6 +38,7 @@ from sheaf import auth, shutdown, slow_clients, upstream
 from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limits, config_dir, load_server_config
 from sheaf.disconnects import ClientGone, unless_disconnected
+from sheaf.jobs import JobBoard
 from sheaf.logs import show_sheaf_logs
 from sheaf.outcomes import Outcome, error_outcome
 from sheaf.request_bodies import RequestBodies
@@ -54,6 +55,8 @@ class Gateway:
 
     deployments: ClassVar[list[bentoml.Service[Any]]]
     """The deployments served, which the routes' `bentoml.depends` declare."""
+    jobs: ClassVar[JobBoard]
+    """Their jobs (`sheaf.jobs`), which the mounted job routes answer too."""
 
     def __init__(self) -> None:
         show_sheaf_logs()
@@ -62,6 +65,14 @@ class Gateway:
     @bentoml.on_startup  # type: ignore[untyped-decorator]
     async def announce_when_ready(self) -> None:
         self.announcing = asyncio.ensure_future(_announce_when_ready(self.deployments))
+
+    @bentoml.on_startup  # type: ignore[untyped-decorator]
+    async def start_jobs(self) -> None:
+        await self.jobs.start()
+
+    @bentoml.on_shutdown  # type: ignore[untyped-decorator]
+    async def stop_jobs(self) -> None:
+        await self.jobs.stop()
 
 
 async def _announce_when_ready(deployments: list[bentoml.Service[Any]]) -> None:
@@ -90,7 +101,7 @@ def contract_middlewares(deployments: list[bentoml.Service[Any]]) -> list[tuple[
     limits = {
         f"/{deployment.name}/{route}": int(_config(deployment).max_body_mb * 1024 * 1024)
         for deployment in deployments
-        for route in ("predict", "stream", "batch")
+        for route in ("predict", "stream", "batch", "jobs")
     }
     # A SIGTERM bounds every request; a caller without the key gets nothing else to run.
     middlewares: list[tuple[type, dict[str, Any]]] = [(shutdown.Drain, {"grace_s": server.shutdown_grace_s})]
@@ -384,9 +395,9 @@ def tracing_settings() -> dict[str, Any]:
     return {} if exporter else {"excluded_urls": [".*"]}
 
 
-def probes(served: list[bentoml.Service[Any]]) -> Starlette:
-    """GET routes: each deployment's probes, `/docs` (Swagger is BentoML's index page), and a JSON
-    404 naming the deployments for a route of one that does not exist."""
+def probes(served: list[bentoml.Service[Any]], more: Sequence[Route] = ()) -> Starlette:
+    """GET routes: each deployment's probes, `/docs` (Swagger is BentoML's index page), and `more`
+    (the job routes)."""
 
     deployments = {deployment.name: deployment for deployment in served}
 
@@ -411,7 +422,7 @@ def probes(served: list[bentoml.Service[Any]]) -> Starlette:
     routes = [Route(f"/{name}/health", health, methods=["GET"]) for name in deployments]
     routes += [Route(f"/{name}/ready", ready, methods=["GET"]) for name in deployments]
     routes.append(Route("/docs", docs, methods=["GET"]))
-    return Starlette(routes=routes)
+    return Starlette(routes=[*routes, *more])
 
 
 async def _readiness(name: str, deployment: bentoml.Service[Any]) -> Outcome:

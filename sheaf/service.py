@@ -116,6 +116,10 @@ class DeploymentService:
             async for frame in frames:
                 yield frame
 
+    async def checked(self, request: BaseRequest[Any]) -> Outcome:
+        """The request's refusal before the model runs, or 200 (each service's `check` API)."""
+        return await self.deployment.check(request)
+
     @bentoml.api
     async def ready(self) -> Annotated[Outcome, JSON]:
         return self.deployment.ready()

@@ -48,13 +48,18 @@ class SSEDecoder:
         self._buffer = b""
 
     def feed(self, chunk: bytes | str) -> list[dict[str, Any]]:
+        return [event for _, event in self.feed_with_ids(chunk)]
+
+    def feed_with_ids(self, chunk: bytes | str) -> list[tuple[str | None, dict[str, Any]]]:
+        """The events `chunk` completed, each with its frame's `id:` (None for a frame without one)."""
         self._buffer += chunk.encode() if isinstance(chunk, str) else chunk
         events = []
         while match := _FRAME_END.search(self._buffer):
             frame, self._buffer = self._buffer[: match.start()], self._buffer[match.end() :]
-            event = parse_frame(frame.decode())
+            text = frame.decode()
+            event = parse_frame(text)
             if event is not None:
-                events.append(event)
+                events.append((frame_id(text), event))
         return events
 
     @property
@@ -78,6 +83,15 @@ def parse_frame(frame: str) -> dict[str, Any] | None:
     if not isinstance(payload, dict) or "type" not in payload:
         raise ValueError(f"not a sheaf event: {frame[:200]!r}")
     return payload
+
+
+def frame_id(frame: str) -> str | None:
+    """A frame's `id:` field, if it has one."""
+    for line in frame.splitlines():
+        field, _, value = line.partition(":")
+        if field == "id":
+            return value.removeprefix(" ")
+    return None
 
 
 class FrameRelay:

@@ -6,7 +6,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sheaf.asgi import send_json
 
-CONTRACT_ROUTES = frozenset({"predict", "stream", "batch", "health", "ready"})
+CONTRACT_ROUTES = frozenset({"predict", "stream", "batch", "health", "ready", "jobs"})
 
 
 class UnknownDeployments:
@@ -19,7 +19,7 @@ class UnknownDeployments:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             parts = scope["path"].strip("/").split("/")
-            if len(parts) == 2 and parts[1] in CONTRACT_ROUTES and parts[0] not in self.deployments:
+            if len(parts) >= 2 and parts[1] in CONTRACT_ROUTES and parts[0] not in self.deployments:
                 detail = f"no deployment named {parts[0]!r}; these exist: {', '.join(self.deployments)}"
                 await send_json(send, 404, {"detail": detail, "deployments": self.deployments})
                 return

@@ -112,6 +112,12 @@ def _body(field: str, request: BaseModel) -> bytes:
     return b'{"' + field.encode() + b'":' + request.model_dump_json().encode() + b"}"
 
 
+async def check(deployment: bentoml.Service[Any], request: BaseModel) -> Outcome:
+    """The deployment's `check` outcome for `request`: what it would be refused for, or 200."""
+    outcome: Outcome = await _call(deployment, "check", _body("request", request), READY_TIMEOUT_S)
+    return outcome
+
+
 async def ready(deployment: bentoml.Service[Any]) -> Outcome:
     """The deployment's `ready` outcome."""
     outcome: Outcome = await _call(deployment, "ready", b"{}", READY_TIMEOUT_S)

@@ -4,21 +4,27 @@ from sheaf.api.audio import Segment, TranscriptionRequest, TranscriptionResponse
 from sheaf.api.base import BaseRequest, BaseResponse
 from sheaf.api.diffusion import DiffusionRequest, DiffusionResponse
 from sheaf.api.events import (
+    CancelledEvent,
     ErrorEvent,
+    JobEvent,
     ProgressEvent,
+    QueuedEvent,
     ResultEvent,
     SegmentEvent,
     StreamEvent,
     TokenEvent,
     parse_event,
+    parse_job_event,
 )
 from sheaf.api.feature_ref import FeatureRef
 from sheaf.api.forecast import ForecastRequest, ForecastResponse
+from sheaf.api.jobs import JobAccepted, JobInfo, JobStatus
 from sheaf.api.textgen import ChatMessage, TextGenerationRequest, TextGenerationResponse
 
 __all__ = [
     "BaseRequest",
     "BaseResponse",
+    "CancelledEvent",
     "ChatMessage",
     "DiffusionRequest",
     "DiffusionResponse",
@@ -26,7 +32,12 @@ __all__ = [
     "FeatureRef",
     "ForecastRequest",
     "ForecastResponse",
+    "JobAccepted",
+    "JobEvent",
+    "JobInfo",
+    "JobStatus",
     "ProgressEvent",
+    "QueuedEvent",
     "ResultEvent",
     "Segment",
     "SegmentEvent",
@@ -38,4 +49,5 @@ __all__ = [
     "TranscriptionResponse",
     "Word",
     "parse_event",
+    "parse_job_event",
 ]

@@ -60,11 +60,29 @@ class ResultEvent(BaseModel, Generic[ResponseT]):
         return {"type": "result", "done": True, **self.response.model_dump(mode="json")}
 
 
+class QueuedEvent(BaseModel):
+    """A job: it waits, with `position` jobs ahead of it (0: it runs next)."""
+
+    type: Literal["queued"] = "queued"
+    position: int
+    done: Literal[False] = False
+
+
+class CancelledEvent(BaseModel):
+    """Last event of a job that was cancelled."""
+
+    type: Literal["cancelled"] = "cancelled"
+    done: Literal[True] = True
+
+
 StreamEvent = TokenEvent | ProgressEvent | SegmentEvent | ErrorEvent | ResultEvent[Any]
 """Every event type a stream may carry."""
 
 PROGRESS_EVENTS: dict[str, type[BaseModel]] = {"token": TokenEvent, "progress": ProgressEvent, "segment": SegmentEvent}
 """The events before the terminal one, by their `type`."""
+
+JobEvent = QueuedEvent | CancelledEvent | StreamEvent
+"""Every event type a job's event log may carry."""
 
 
 def parse_event(payload: dict[str, Any], response_model: type[ResponseT]) -> StreamEvent:
@@ -78,3 +96,13 @@ def parse_event(payload: dict[str, Any], response_model: type[ResponseT]) -> Str
     if kind in PROGRESS_EVENTS:
         return PROGRESS_EVENTS[kind].model_validate(payload)  # type: ignore[return-value]
     raise ValueError(f"unknown event type {kind!r}")
+
+
+def parse_job_event(payload: dict[str, Any], response_model: type[ResponseT]) -> JobEvent:
+    """A job's wire event as its typed model: a stream's events, `queued` and `cancelled`."""
+    kind = payload.get("type")
+    if kind == "queued":
+        return QueuedEvent.model_validate(payload)
+    if kind == "cancelled":
+        return CancelledEvent.model_validate(payload)
+    return parse_event(payload, response_model)

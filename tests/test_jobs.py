@@ -1,0 +1,245 @@
+"""Jobs, served: a log that survives a cut connection, cancels that stop the model, a queue that
+refuses past its size, and records that outlive a restart (SQLite and Redis)."""
+
+import base64
+import io
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from sheaf import SheafClient, TextGenerationRequest
+from sheaf.api.events import CancelledEvent, QueuedEvent, ResultEvent, TokenEvent
+from sheaf.cli import main as cli
+from sheaf.jobs import LEASE_S
+from sheaf.streaming import SSEDecoder
+from tests.conftest import Server, serve, start_server, stop_server, wait_until_ready, worker_pids
+from tests.redis_server import RedisServer
+
+FOX = {"model_type": "diffusion", "prompt": "a fox", "height": 32, "width": 32, "num_inference_steps": 40, "seed": 7}
+LONG = {"model_type": "text_generation", "prompt": "Once", "max_new_tokens": 30000}
+SHORT = {"model_type": "text_generation", "prompt": "Hi", "max_new_tokens": 4}
+
+
+def write_configs(folder: Path, tiny_lm: Path, jobs: str) -> Path:
+    (folder / "textgen.yaml").write_text(
+        f'name: textgen\nmodel: {{path: "{tiny_lm}"}}\nbatching: {{max_batch_size: 4}}\n'
+        "limits: {max_queued_jobs: 8, retry_after_s: 2}\nheartbeat_s: 0.3\noptions: {max_new_tokens_limit: 30000}\n"
+    )
+    (folder / "flux.yaml").write_text('name: flux\nmodel: {build: "tiny.models:build_tiny_flux"}\n')
+    (folder / "sheaf.yaml").write_text(f"jobs: {jobs}\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("jobs")
+    configs = write_configs(folder, tiny_lm, f"{{path: '{folder / 'jobs.sqlite3'}'}}")
+    env = {"SHEAF_CACHE_DIR": str(folder / "cache")}
+    yield from serve(configs, folder / "server.log", env, ready=("textgen", "flux"))
+
+
+def submit(server: Server, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    answer = httpx.post(f"{server.url}/{name}/jobs", json=body, timeout=30)
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["location"] == f"/{name}/jobs/{answer.json()['job_id']}"
+    job: dict[str, Any] = answer.json()
+    return job
+
+
+def status(server: Server, name: str, job_id: str) -> dict[str, Any]:
+    answer = httpx.get(f"{server.url}/{name}/jobs/{job_id}", timeout=30)
+    assert answer.status_code == 200, answer.text
+    job: dict[str, Any] = answer.json()
+    return job
+
+
+def wait_for(server: Server, name: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (job := status(server, name, job_id))["status"] not in wanted:
+        assert time.monotonic() < deadline, f"{job_id} is still {job['status']}"
+        time.sleep(0.05)
+    return job
+
+
+def read_events(
+    server: Server, name: str, job_id: str, after: int = 0, until: int | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """The job's events with their SSE ids; with `until`, the connection is closed after that many."""
+    got: list[tuple[int, dict[str, Any]]] = []
+    decoder = SSEDecoder()
+    headers = {"last-event-id": str(after)}
+    with httpx.stream("GET", f"{server.url}/{name}/jobs/{job_id}/events", headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            for event_id, event in decoder.feed_with_ids(chunk):
+                assert event_id is not None
+                got.append((int(event_id), event))
+                if event["done"] or (until is not None and len(got) >= until):
+                    return got
+    return got
+
+
+def pixels(image_b64: str) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).tobytes()
+
+
+def test_a_flux_job_read_again_after_a_cut_gets_every_step_once_and_the_predicts_image(server: Server) -> None:
+    job = submit(server, "flux", FOX)
+    first = read_events(server, "flux", job["job_id"], until=12)  # then the connection is closed
+    rest = read_events(server, "flux", job["job_id"], after=first[-1][0])
+    ids = [event_id for event_id, _ in first + rest]
+    assert ids == list(range(1, len(ids) + 1))  # no gap, nothing twice
+    steps = [event["step"] for _, event in first + rest if event["type"] == "progress"]
+    assert steps == list(range(1, 41))
+    result = rest[-1][1]
+    assert result["type"] == "result"
+    predicted = httpx.post(f"{server.url}/flux/predict", json=FOX, timeout=120).json()
+    assert pixels(result["image_b64"]) == pixels(predicted["image_b64"])
+    info = status(server, "flux", job["job_id"])
+    assert info["status"] == "succeeded" and info["result"]["image_b64"] == result["image_b64"]
+    assert info["events"] == ids[-1]
+
+
+def test_the_client_resumes_by_itself_and_the_cli_watches_a_finished_job(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with SheafClient(server.url) as client:
+        accepted = client.submit("textgen", TextGenerationRequest(prompt="Hello", max_new_tokens=12))
+        events = list(client.events(accepted.job_id))
+        assert isinstance(events[-1], ResultEvent)
+        tokens = [event.text for event in events if isinstance(event, TokenEvent)]
+        assert "".join(tokens) == events[-1].response.text
+        again = list(client.events(accepted.job_id, after=2))  # the same log, from after event 2
+        assert [type(event) for event in again] == [type(event) for event in events[2:]]
+        assert client.job(accepted.job_id).status == "succeeded"
+    assert cli(["--url", server.url, "watch", accepted.job_id, "-o", "-"]) == 0
+    assert events[-1].response.text in capsys.readouterr().out
+
+
+def test_cancelling_a_running_textgen_job_stops_its_model_work(server: Server) -> None:
+    job = submit(server, "textgen", {**LONG, "request_id": "job-to-cancel"})
+    running = wait_for(server, "textgen", job["job_id"], {"running"})
+    deadline = time.monotonic() + 30
+    while (running.get("progress") or {}).get("type") != "token":
+        assert time.monotonic() < deadline, running
+        running = status(server, "textgen", job["job_id"])
+    answer = httpx.delete(f"{server.url}/textgen/jobs/{job['job_id']}", timeout=30)
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+    events = read_events(server, "textgen", job["job_id"])
+    assert events[-1][1] == {"type": "cancelled", "done": True}
+    deadline = time.monotonic() + 10
+    while not (stopped := re.search(r"stream job-to-cancel cancelled after (\d+) tokens", server.log_text())):
+        assert time.monotonic() < deadline, "the deployment never stopped the job's stream"
+        time.sleep(0.1)
+    assert int(stopped.group(1)) < 30000
+
+
+def test_a_cancelled_queued_job_never_runs(server: Server) -> None:
+    blockers = [submit(server, "textgen", {**LONG, "request_id": f"blocker-{i}"}) for i in range(4)]  # max_batch_size
+    queued = submit(server, "textgen", {**SHORT, "request_id": "never-runs"})
+    assert queued["position"] == 0
+    assert status(server, "textgen", queued["job_id"])["status"] == "queued"
+    assert httpx.delete(f"{server.url}/textgen/jobs/{queued['job_id']}", timeout=30).json()["status"] == "cancelled"
+    for blocker in blockers:
+        httpx.delete(f"{server.url}/textgen/jobs/{blocker['job_id']}", timeout=30)
+    events = [event for _, event in read_events(server, "textgen", queued["job_id"])]
+    assert [event["type"] for event in events] == ["queued", "cancelled"]
+    time.sleep(1)  # had it started after all, its stream would be in the log by now
+    assert "never-runs" not in server.log_text()
+
+
+def test_a_burst_past_the_queue_gets_503_and_every_accepted_job_finishes_in_order(server: Server) -> None:
+    bodies = [{**SHORT, "max_new_tokens": 24, "request_id": f"burst-{i}"} for i in range(50)]
+    answers: list[httpx.Response] = [httpx.Response(0)] * len(bodies)
+
+    def send(i: int, client: httpx.Client) -> None:
+        answers[i] = client.post(f"{server.url}/textgen/jobs", json=bodies[i])
+
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=50)) as client:
+        threads = [threading.Thread(target=send, args=(i, client)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    refused = [answer for answer in answers if answer.status_code == 503]
+    accepted = [answer.json() for answer in answers if answer.status_code == 202]
+    assert refused and accepted and len(refused) + len(accepted) == len(bodies), [a.status_code for a in answers]
+    assert all(answer.headers["retry-after"] == "2" for answer in refused)
+    assert "job queue is full" in refused[0].json()["detail"]
+    for job in accepted:
+        events = [event for _, event in read_events(server, "textgen", job["job_id"])]
+        assert events[-1]["type"] == "result", events[-1]
+        positions = [event["position"] for event in events if event["type"] == "queued"]
+        assert positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions), positions
+
+
+def test_an_unknown_job_is_404_and_a_bad_body_422_before_anything_queues(server: Server) -> None:
+    assert httpx.get(f"{server.url}/textgen/jobs/textgen-nope", timeout=30).status_code == 404
+    assert httpx.delete(f"{server.url}/textgen/jobs/textgen-nope", timeout=30).status_code == 404
+    assert httpx.get(f"{server.url}/textgen/jobs/textgen-nope/events", timeout=30).status_code == 404
+    job = submit(server, "flux", {**FOX, "num_inference_steps": 2})
+    assert httpx.get(f"{server.url}/textgen/jobs/{job['job_id']}", timeout=30).status_code == 404  # a flux job
+    bad = httpx.post(f"{server.url}/textgen/jobs", json={"model_type": "text_generation", "max_new_tokens": -1})
+    assert bad.status_code == 422
+    assert "max_new_tokens" in bad.text
+    refused = httpx.post(f"{server.url}/textgen/jobs", json={**SHORT, "max_new_tokens": 30001}, timeout=30)
+    assert refused.status_code == 422, refused.text  # the deployment's own limit, checked before it queues
+    assert refused.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]
+    wrong_id = httpx.get(f"{server.url}/flux/jobs/{job['job_id']}/events", headers={"last-event-id": "x"}, timeout=30)
+    assert wrong_id.status_code == 422 and "last-event-id" in wrong_id.text
+
+
+@pytest.mark.parametrize(("store", "stop"), [("sqlite", "SIGTERM"), ("redis", "SIGKILL")])
+def test_a_finished_job_outlives_a_restart_and_a_running_one_reads_failed(
+    store: str, stop: str, tiny_lm: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A server stopped (its jobs end `failed` as it goes) or killed (they do once its heartbeats stop)."""
+    jobs = (
+        f"{{path: '{tmp_path / 'jobs.sqlite3'}'}}"
+        if store == "sqlite"
+        else f"{{store: redis, url: 'redis://{redis_server.address}/2'}}"
+    )
+    configs = write_configs(tmp_path, tiny_lm, jobs)
+    env = {"SHEAF_CACHE_DIR": str(tmp_path / "cache")}
+    process, first = start_server(configs, tmp_path / "first.log", env)
+    try:
+        wait_until_ready(process, first, ("textgen",))
+        done = submit(first, "textgen", SHORT)
+        finished = wait_for(first, "textgen", done["job_id"], {"succeeded"})
+        cut = submit(first, "textgen", LONG)
+        wait_for(first, "textgen", cut["job_id"], {"running"})
+        if stop == "SIGKILL":  # the server and every worker, as when the node dies
+            workers = [pid for name in ("sheaf", "textgen", "flux") for pid in worker_pids(first, name)]
+            for pid in [process.pid, *workers]:
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        stop_server(process)
+    process, second = start_server(configs, tmp_path / "second.log", env)
+    try:
+        wait_until_ready(process, second, ("textgen",))
+        assert status(second, "textgen", done["job_id"])["result"] == finished["result"]
+        lost = wait_for(second, "textgen", cut["job_id"], {"failed"}, timeout=LEASE_S + 5)
+        assert lost["error"]["code"] == "job_lost", lost
+        events = [event for _, event in read_events(second, "textgen", cut["job_id"])]
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "job_lost"
+    finally:
+        stop_server(process)
+
+
+def test_queued_and_cancelled_events_parse_as_typed_events() -> None:
+    from sheaf.api.events import parse_job_event
+    from sheaf.api.textgen import TextGenerationResponse
+
+    assert parse_job_event({"type": "queued", "position": 3, "done": False}, TextGenerationResponse) == QueuedEvent(
+        position=3
+    )
+    assert isinstance(parse_job_event({"type": "cancelled", "done": True}, TextGenerationResponse), CancelledEvent)
