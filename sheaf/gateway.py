@@ -8,7 +8,7 @@ enforces deadlines and relays; the deployment's own process batches (`sheaf.serv
 - `POST /{name}/batch`: a list of requests the caller batched itself, each item validated
   on its own (`BatchItem`), answered with one `{"status", "body"}` outcome per request;
 - `GET /{name}/health` and `GET /{name}/ready`: probes (BentoML APIs are POST only, so
-  these live in a small mounted app, `probes`).
+  these live in a small mounted app, `probes`, beside the job routes of `sheaf.job_routes`).
 
 The contract's middlewares (`contract_middlewares`) turn BentoML's 400 for an invalid body
 into the contract's 422, oversized bodies into 413, and unknown deployments into a 404.

@@ -1,5 +1,6 @@
 """A TCP round-robin in front of several replicas, as a Kubernetes Service (kube-proxy) is one: each
-new connection goes to the next replica that accepts it, and lives and dies with it."""
+new connection goes to the next replica that accepts it, and lives and dies with it. It can also cut
+connections mid-answer, as a proxy does that limits how long a response may run."""
 
 import asyncio
 import contextlib
@@ -9,8 +10,12 @@ from collections.abc import Iterator
 
 
 class RoundRobin:
-    def __init__(self, replicas: list[int]) -> None:
+    def __init__(self, replicas: list[int], cut_after_bytes: int | None = None, cuts: int = 0) -> None:
+        """With `cut_after_bytes`, the first `cuts` connections are cut once that many bytes of
+        answer have gone through them, as a proxy with a time or size limit cuts a long stream."""
         self.replicas = replicas  # ports on 127.0.0.1
+        self.cut_after_bytes = cut_after_bytes
+        self.cuts_left = cuts
         self.connections: Counter[int] = Counter()  # accepted per replica, ever
         self.open: Counter[int] = Counter()  # open now per replica
         self._next = 0
@@ -58,9 +63,13 @@ class RoundRobin:
         try:
             # Either side ending ends both: a dead replica drops its callers, a caller that leaves
             # closes the replica's connection (which is how the replica learns to stop).
+            limit = None
+            if self.cut_after_bytes is not None and self.cuts_left > 0:
+                self.cuts_left -= 1
+                limit = self.cut_after_bytes
             pipes = [
                 asyncio.ensure_future(_pipe(client_in, replica_out)),
-                asyncio.ensure_future(_pipe(replica_in, client_out)),
+                asyncio.ensure_future(_pipe(replica_in, client_out, limit)),
             ]
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
             for pipe in pipes:
@@ -71,8 +80,14 @@ class RoundRobin:
                 writer.transport.abort()
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, limit: int | None = None) -> None:
+    sent = 0
     with contextlib.suppress(OSError):
         while chunk := await source.read(65536):
+            if limit is not None and sent + len(chunk) > limit:
+                sink.write(chunk[: limit - sent])  # then the connection is cut mid-answer
+                await sink.drain()
+                return
             sink.write(chunk)
+            sent += len(chunk)
             await sink.drain()

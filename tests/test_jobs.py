@@ -1,8 +1,10 @@
 """Jobs, served: a log that survives a cut connection, cancels that stop the model, a queue that
 refuses past its size, and records that outlive a restart (SQLite and Redis)."""
 
+import asyncio
 import base64
 import io
+import json
 import os
 import re
 import signal
@@ -16,13 +18,22 @@ import httpx
 import pytest
 from PIL import Image
 
-from sheaf import SheafClient, TextGenerationRequest
-from sheaf.api.events import CancelledEvent, QueuedEvent, ResultEvent, TokenEvent
+from sheaf import AsyncSheafClient, DiffusionRequest, SheafClient, TextGenerationRequest
+from sheaf.api.events import CancelledEvent, ProgressEvent, QueuedEvent, ResultEvent, TokenEvent
 from sheaf.cli import main as cli
 from sheaf.jobs import LEASE_S
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, serve, start_server, stop_server, wait_until_ready, worker_pids
+from tests.conftest import (
+    Server,
+    serve,
+    start_server,
+    stop_server,
+    stream_events,
+    wait_until_ready,
+    worker_pids,
+)
 from tests.redis_server import RedisServer
+from tests.round_robin import RoundRobin
 
 FOX = {"model_type": "diffusion", "prompt": "a fox", "height": 32, "width": 32, "num_inference_steps": 40, "seed": 7}
 LONG = {"model_type": "text_generation", "prompt": "Once", "max_new_tokens": 30000}
@@ -109,6 +120,16 @@ def test_a_flux_job_read_again_after_a_cut_gets_every_step_once_and_the_predicts
     assert info["events"] == ids[-1]
 
 
+def test_only_the_newest_preview_stays_in_a_jobs_log(server: Server) -> None:
+    body = {**FOX, "num_inference_steps": 6, "preview_every": 2}
+    streamed = stream_events(server, "flux", body)
+    assert [event["step"] for event in streamed if event.get("preview_b64")] == [2, 4, 6]
+    job = submit(server, "flux", body)
+    kept = [event for _, event in read_events(server, "flux", job["job_id"])]
+    assert [event["step"] for event in kept if event["type"] == "progress"] == list(range(1, 7))
+    assert [event["step"] for event in kept if event.get("preview_b64")] == [6]
+
+
 def test_the_client_resumes_by_itself_and_the_cli_watches_a_finished_job(
     server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,6 +144,36 @@ def test_the_client_resumes_by_itself_and_the_cli_watches_a_finished_job(
         assert client.job(accepted.job_id).status == "succeeded"
     assert cli(["--url", server.url, "watch", accepted.job_id, "-o", "-"]) == 0
     assert events[-1].response.text in capsys.readouterr().out
+    assert cli(["--url", server.url, "submit", "textgen", "--json", '{"prompt": "Hi", "max_new_tokens": 3}']) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "queued" and printed["job_id"].startswith("textgen-")
+    assert cli(["--url", server.url, "watch", printed["job_id"], "--events"]) == 0
+    watched = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert watched[0]["type"] == "queued" and watched[-1]["type"] == "result"
+    assert cli(["--url", server.url, "watch", "not-a-job"]) == 1  # no such deployment: a 404, exit 1
+
+
+def test_both_clients_resume_a_job_whose_connection_a_proxy_cuts_with_no_event_lost_or_twice(server: Server) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    body = DiffusionRequest(**{**FOX, "num_inference_steps": 30})
+
+    def steps(events: list[Any]) -> list[int]:
+        assert isinstance(events[-1], ResultEvent)
+        return [event.step for event in events if isinstance(event, ProgressEvent)]
+
+    with RoundRobin([port], cut_after_bytes=1500, cuts=3).running() as cutting:
+        with SheafClient(cutting.url) as client:
+            job = client.submit("flux", body)
+            assert steps(list(client.events(job.job_id))) == list(range(1, 31))
+
+        async def follow() -> list[Any]:
+            async with AsyncSheafClient(cutting.url) as client:
+                job = await client.submit("flux", body)
+                return [event async for event in client.events(job.job_id)]
+
+        cutting.cuts_left = 3
+        assert steps(asyncio.run(follow())) == list(range(1, 31))
+    assert sum(cutting.connections.values()) >= 8  # each client reconnected after each of its 3 cuts
 
 
 def test_cancelling_a_running_textgen_job_stops_its_model_work(server: Server) -> None:

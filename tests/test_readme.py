@@ -100,6 +100,13 @@ def test_the_forecast_example_answers_quantiles(default_server: Server, tmp_path
     assert answer["metadata"]["feature"] == "series_history:values"
 
 
+def test_the_jobs_example_reads_a_log_again_from_after_an_event(default_server: Server, tmp_path: Path) -> None:
+    block = next(block for block in blocks("bash") if "/flux/jobs" in block)
+    lines = run_example(block, default_server, tmp_path).splitlines()
+    assert lines[0] == "id: 8"  # the first event after event 7
+    assert lines[-1].startswith('{"job_id":"flux-') and '"status":"succeeded"' in lines[-1]
+
+
 def test_the_python_examples_run(default_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     for code in blocks("python"):
         exec(compile(code.replace("http://127.0.0.1:3000", default_server.url), "README.md", "exec"), {})
