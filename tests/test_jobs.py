@@ -286,6 +286,33 @@ def test_a_finished_job_outlives_a_restart_and_a_running_one_reads_failed(
         stop_server(process)
 
 
+def test_two_entry_services_sharing_redis_answer_for_each_others_jobs_and_cancel_them(
+    tiny_lm: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    configs = write_configs(tmp_path, tiny_lm, f"{{store: redis, url: 'redis://{redis_server.address}/4'}}")
+    env = {"SHEAF_CACHE_DIR": str(tmp_path / "cache")}
+    started = [start_server(configs, tmp_path / f"entry-{i}.log", env) for i in range(2)]
+    try:
+        for process, entry in started:
+            wait_until_ready(process, entry, ("textgen",))
+        one, other = (entry for _, entry in started)
+        done = submit(one, "textgen", SHORT)
+        events = read_events(other, "textgen", done["job_id"])  # run by one, read from the other
+        assert events[-1][1]["type"] == "result"
+        assert status(other, "textgen", done["job_id"])["result"]["text"] == events[-1][1]["text"]
+        long = submit(one, "textgen", {**LONG, "request_id": "cancelled-elsewhere"})
+        wait_for(other, "textgen", long["job_id"], {"running"})
+        answer = httpx.delete(f"{other.url}/textgen/jobs/{long['job_id']}", timeout=30)
+        assert answer.status_code == 200 and answer.json()["status"] == "cancelled", answer.text
+        deadline = time.monotonic() + 10
+        while not re.search(r"stream cancelled-elsewhere cancelled after \d+ tokens", one.log_text()):
+            assert time.monotonic() < deadline, "the replica that ran it never stopped it"
+            time.sleep(0.1)
+    finally:
+        for process, _ in started:
+            stop_server(process)
+
+
 def test_queued_and_cancelled_events_parse_as_typed_events() -> None:
     from sheaf.api.events import parse_job_event
     from sheaf.api.textgen import TextGenerationResponse
