@@ -14,6 +14,7 @@ from sheaf.api import (
     JobAccepted,
     JobEvent,
     JobInfo,
+    JobStatus,
     ProgressEvent,
     QueuedEvent,
     ResultEvent,
@@ -27,6 +28,7 @@ from sheaf.api import (
     TranscriptionResponse,
     Word,
     parse_event,
+    parse_job_event,
 )
 from sheaf.client import AsyncSheafClient, SheafClient
 from sheaf.exceptions import (
@@ -67,6 +69,7 @@ __all__ = [
     "JobAccepted",
     "JobEvent",
     "JobInfo",
+    "JobStatus",
     "ProgressEvent",
     "QueuedEvent",
     "ResultEvent",
@@ -85,4 +88,5 @@ __all__ = [
     "TransportError",
     "Word",
     "parse_event",
+    "parse_job_event",
 ]
