@@ -144,7 +144,8 @@ class Lane:
             budget = self.config.timeout_for(request.timeout_s)
             try:
                 answer = await unless_disconnected(
-                    ctx.request, self._upstream(budget, lambda left: upstream.predict(self.deployment, request, left))
+                    ctx.request,
+                    self._upstream(budget, lambda left, fresh: upstream.predict(self.deployment, request, left, fresh)),
                 )
             except ClientGone:  # nobody reads the answer; leaving closes the call to the deployment
                 return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
@@ -174,20 +175,23 @@ class Lane:
             budget = self.config.timeout_for(*(request.timeout_s for request in valid))
             try:
                 answers = await unless_disconnected(
-                    ctx.request, self._upstream(budget, lambda left: upstream.batch(self.deployment, valid, left))
+                    ctx.request,
+                    self._upstream(budget, lambda left, fresh: upstream.batch(self.deployment, valid, left, fresh)),
                 )
             except ClientGone:
                 return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
         answered = iter([answers] * len(valid) if isinstance(answers, dict) else answers)
         return [outcome or next(answered) for outcome in outcomes]
 
-    async def _upstream(self, budget: float, call: Callable[[float], Awaitable[T]]) -> T | Outcome:
-        """`call`'s answer (given the seconds left), or the outcome that the entry service answers
-        instead: 504 past `budget`, or the deployment's failure."""
+    async def _upstream(self, budget: float, call: Callable[[float, bool], Awaitable[T]]) -> T | Outcome:
+        """`call`'s answer (given the seconds left, and whether to use a new connection), or the
+        outcome that the entry service answers instead: 504 past `budget`, or the deployment's
+        failure. A broken connection is tried once more over a new one: when a replica dies, the
+        pool may still hold other connections to it."""
         deadline = time.monotonic() + budget
         for attempt in (1, 2):
             try:
-                return await call(deadline - time.monotonic())
+                return await call(deadline - time.monotonic(), attempt == 2)
             except TimeoutError:
                 return error_outcome(504, f"no answer within the deadline of {budget:g} s")
             except Exception as exc:  # the deployment refused, or a pooled connection to it broke

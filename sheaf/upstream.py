@@ -50,6 +50,7 @@ class UpstreamError(Exception):
 
 
 _sessions: dict[str, aiohttp.ClientSession] = {}
+_fresh_sessions: dict[str, aiohttp.ClientSession] = {}
 
 
 def _address(deployment: bentoml.Service[Any]) -> tuple[str, str | None]:
@@ -62,23 +63,27 @@ def _address(deployment: bentoml.Service[Any]) -> tuple[str, str | None]:
     return url, None
 
 
-def _session(deployment: bentoml.Service[Any]) -> aiohttp.ClientSession:
-    session = _sessions.get(deployment.name)
+def _session(deployment: bentoml.Service[Any], fresh: bool = False) -> aiohttp.ClientSession:
+    """The deployment's pooled session; `fresh`: one whose every call opens a new connection (a
+    retry after a broken one: when a replica dies, the pool may hold more connections to it)."""
+    sessions = _fresh_sessions if fresh else _sessions
+    session = sessions.get(deployment.name)
     if session is None or session.closed:
         base, socket = _address(deployment)
         # Idle connections go before the deployment's keep-alive (uvicorn's 5 s) closes them under a call.
-        connector = (
-            aiohttp.UnixConnector(path=socket, limit=0, keepalive_timeout=KEEPALIVE_S)
-            if socket
-            else aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+        options: dict[str, Any] = (
+            {"limit": 0, "force_close": True} if fresh else {"limit": 0, "keepalive_timeout": KEEPALIVE_S}
         )
-        session = _sessions[deployment.name] = aiohttp.ClientSession(base, connector=connector)
+        connector = aiohttp.UnixConnector(path=socket, **options) if socket else aiohttp.TCPConnector(**options)
+        session = sessions[deployment.name] = aiohttp.ClientSession(base, connector=connector)
     return session
 
 
-async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout_s: float) -> Any:
+async def _call(deployment: bentoml.Service[Any], api: str, body: bytes, timeout_s: float, fresh: bool = False) -> Any:
     timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
-    async with _session(deployment).post(f"/{api}", data=body, headers=JSON_HEADERS, timeout=timeout) as response:
+    async with _session(deployment, fresh).post(
+        f"/{api}", data=body, headers=JSON_HEADERS, timeout=timeout
+    ) as response:
         if response.status != 200:
             raise UpstreamError(response.status, (await response.text())[:500])
         return await response.json(content_type=None)
@@ -91,20 +96,26 @@ class Answer(NamedTuple):
     body: bytes
 
 
-async def predict(deployment: bentoml.Service[Any], request: BaseModel, timeout_s: float) -> Answer:
-    """The deployment's `predict` answer for `request`."""
+async def predict(
+    deployment: bentoml.Service[Any], request: BaseModel, timeout_s: float, fresh: bool = False
+) -> Answer:
+    """The deployment's `predict` answer for `request` (`fresh`: over a new connection)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
     body = _body("request", request)
-    async with _session(deployment).post("/predict", data=body, headers=JSON_HEADERS, timeout=timeout) as response:
+    async with _session(deployment, fresh).post(
+        "/predict", data=body, headers=JSON_HEADERS, timeout=timeout
+    ) as response:
         if response.status != 200:
             raise UpstreamError(response.status, (await response.text())[:500])
         return Answer(int(response.headers[OUTCOME_STATUS]), await response.read())
 
 
-async def batch(deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float) -> list[Outcome]:
+async def batch(
+    deployment: bentoml.Service[Any], requests: Sequence[BaseModel], timeout_s: float, fresh: bool = False
+) -> list[Outcome]:
     """The deployment's `batch` outcomes for `requests`, in order, from one model call."""
     body = b'{"requests":[' + b",".join(request.model_dump_json().encode() for request in requests) + b"]}"
-    outcomes: list[Outcome] = await _call(deployment, "batch", body, timeout_s)
+    outcomes: list[Outcome] = await _call(deployment, "batch", body, timeout_s, fresh)
     return outcomes
 
 
