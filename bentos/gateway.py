@@ -28,9 +28,11 @@ from sheaf.api import (
 from sheaf.api.jobs import JobAccepted
 from sheaf.arbiter import private_control_sockets
 from sheaf.config import check_config_dir
-from sheaf.gateway import BatchItem, Gateway, contract_middlewares, probes, tracing_settings
+from sheaf.gateway import BatchItem, Gateway, Lane, contract_middlewares, probes, tracing_settings
 from sheaf.job_routes import job_board, job_routes, submit
 from sheaf.metrics import own_multiprocess_dir
+from sheaf.openai_api import PREFIX as OPENAI_PREFIX
+from sheaf.openai_api.routes import openai_app
 from sheaf.outcomes import Outcome
 from sheaf.service import TIMEOUT_MARGIN_S
 
@@ -142,9 +144,11 @@ CONFIGURED = [(service, routes) for service, routes in ROUTES if service.inner.d
 SERVED = [service for service, _ in CONFIGURED]
 check_config_dir(served=[service.name for service in SERVED])
 JOBS = job_board(SERVED)
+LANES = {service.name: Lane(service) for service in SERVED}
 
 
 @bentoml.asgi_app(probes(SERVED, job_routes(JOBS)), path="/", name="probes")
+@bentoml.asgi_app(openai_app(LANES), path=OPENAI_PREFIX, name="openai")
 # BentoML's timeout only bounds the time to a stream's first byte; sheaf's own deadlines come first.
 @bentoml.service(
     name="sheaf",
@@ -153,9 +157,10 @@ JOBS = job_board(SERVED)
 )
 class Sheaf(*(routes for _, routes in CONFIGURED)):  # type: ignore[misc]
     """Serves /{name}/predict, /{name}/stream, /{name}/batch, /{name}/jobs, /{name}/health and /{name}/ready
-    per deployment."""
+    per deployment, and the OpenAI-compatible /v1 routes over the same lanes."""
 
     deployments = SERVED
+    lanes = LANES
     jobs = JOBS
 
 

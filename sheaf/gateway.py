@@ -24,8 +24,8 @@ import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Annotated, Any, ClassVar, TypeVar, cast
+from contextlib import aclosing, contextmanager
+from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar, cast, get_type_hints
 
 import bentoml
 from pydantic import ValidationError, ValidatorFunctionWrapHandler, WrapValidator
@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from sheaf import auth, shutdown, slow_clients, upstream
+from sheaf import auth, openai_api, shutdown, slow_clients, upstream
 from sheaf.api.base import BaseRequest, ResponseT
 from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, Limits, config_dir, load_server_config
 from sheaf.disconnects import ClientGone, unless_disconnected
@@ -55,12 +55,14 @@ class Gateway:
 
     deployments: ClassVar[list[bentoml.Service[Any]]]
     """The deployments served, which the routes' `bentoml.depends` declare."""
+    lanes: ClassVar[dict[str, Lane]]
+    """Their lanes by name, shared with the mounted OpenAI routes (`sheaf.openai_api`): one set
+    of limits per deployment."""
     jobs: ClassVar[JobBoard]
     """Their jobs (`sheaf.jobs`), which the mounted job routes answer too."""
 
     def __init__(self) -> None:
         show_sheaf_logs()
-        self.lanes = {deployment.name: Lane(deployment) for deployment in self.deployments}
 
     @bentoml.on_startup  # type: ignore[untyped-decorator]
     async def announce_when_ready(self) -> None:
@@ -103,14 +105,21 @@ def contract_middlewares(deployments: list[bentoml.Service[Any]]) -> list[tuple[
         for deployment in deployments
         for route in ("predict", "stream", "batch", "jobs")
     }
+    contract = frozenset(limits)
+    # The OpenAI routes name their deployment inside the body: they get the largest limit.
+    largest = max(limits.values(), default=0)
+    limits.update(
+        {f"{openai_api.PREFIX}{route}": largest for route in (*openai_api.JSON_ROUTES, *openai_api.FORM_ROUTES)}
+    )
+    forms = frozenset(f"{openai_api.PREFIX}{route}" for route in openai_api.FORM_ROUTES)
     # A SIGTERM bounds every request; a caller without the key gets nothing else to run.
     middlewares: list[tuple[type, dict[str, Any]]] = [(shutdown.Drain, {"grace_s": server.shutdown_grace_s})]
     if key is not None:
         middlewares.append((auth.APIKey, {"key": key, "open_paths": auth.open_paths(server.auth, names)}))
     middlewares += [
-        (ValidationErrorsAs422, {}),
+        (ValidationErrorsAs422, {"paths": contract}),
         (UnknownDeployments, {"deployments": names}),
-        (RequestBodies, {"limits": limits}),
+        (RequestBodies, {"limits": limits, "forms": forms}),
     ]
     return middlewares
 
@@ -131,57 +140,69 @@ class Lane:
         self.name = deployment.name
         self.config = _config(deployment)
         self.gate = Gate(self.config.limits)
+        self.request_type: type[BaseRequest[Any]] = get_type_hints(deployment.inner.predict.func)["request"]
+        """What the deployment's `predict` takes, as its service declares it."""
 
     async def predict(self, request: BaseRequest[ResponseT], ctx: bentoml.Context) -> ResponseT:
-        # The answer is always a Response, which BentoML sends as it is; the route's return
+        answer = await self.answer(request, ctx.request)
+        ctx.response.status_code = answer.status
+        ctx.response.metadata.update(self.retry_after(answer.status))
+        # The answer's body is already the client's JSON, sent as it is; the route's return
         # annotation (the response model) is there for the schema.
-        return cast(ResponseT, await self._predict(request, ctx))
+        return cast(ResponseT, Response(answer.body, media_type="application/json"))
 
-    async def _predict(self, request: BaseRequest[Any], ctx: bentoml.Context) -> Response:
+    async def answer(self, request: BaseRequest[Any], client: Request) -> upstream.Answer:
+        """The deployment's answer to one request, its status and JSON body undecoded; or the entry
+        service's own (503 when full, 504 past the deadline, 502 when the deployment fails)."""
         with self.gate.predicts(1) as admitted:
             if not admitted:
-                return _response(ctx, self.gate.full("predict requests"), self.config)
+                return _answer(self.gate.full("predict requests"))
             budget = self.config.timeout_for(request.timeout_s)
             try:
                 answer = await unless_disconnected(
-                    ctx.request,
+                    client,
                     self._upstream(budget, lambda left, fresh: upstream.predict(self.deployment, request, left, fresh)),
                 )
             except ClientGone:  # nobody reads the answer; leaving closes the call to the deployment
-                return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
-        if isinstance(answer, dict):  # the entry service answers for the deployment
-            return _response(ctx, answer, self.config)
-        # The deployment's answer, relayed as it came: its body is already the client's JSON.
-        ctx.response.status_code = answer.status
-        ctx.response.metadata.update(_retry_after(answer.status, self.config))
-        return Response(answer.body, media_type="application/json")
+                return _answer(error_outcome(499, "the client closed the connection"))
+        return _answer(answer) if isinstance(answer, dict) else answer
 
     async def batch(self, requests: Sequence[BaseRequest[Any] | InvalidItem], ctx: bentoml.Context) -> list[Outcome]:
-        return cast(list[Outcome], await self._batch(requests, ctx))  # a list, or a JSONResponse for a refusal
+        outcomes = await self.outcomes(requests, ctx.request)
+        if isinstance(outcomes, list):
+            return outcomes
+        return cast(list[Outcome], _response(ctx, outcomes, self.config))  # the whole call refused
 
-    async def _batch(self, requests: Sequence[BaseRequest[Any] | InvalidItem], ctx: bentoml.Context) -> Any:
+    async def outcomes(
+        self, requests: Sequence[BaseRequest[Any] | InvalidItem], client: Request
+    ) -> list[Outcome] | Outcome:
+        """One outcome per request, in order, from one call to the deployment; or one outcome that
+        refuses the whole call (too many requests, the deployment full, the client gone)."""
         limit = self.config.batching.max_batch_size
         if len(requests) > limit:
             problem = f"at most {limit} requests per call (this deployment's max_batch_size), got {len(requests)}"
-            too_long = [{"loc": ["body"], "msg": problem, "type": "too_long"}]
-            return _response(ctx, error_outcome(422, too_long), self.config)
+            return error_outcome(422, [{"loc": ["body"], "msg": problem, "type": "too_long"}])
         outcomes: list[Outcome | None] = [r.outcome() if isinstance(r, InvalidItem) else None for r in requests]
         valid = [r for r in requests if not isinstance(r, InvalidItem)]
         if not valid:
-            return outcomes
+            return cast(list[Outcome], outcomes)
         with self.gate.predicts(len(valid)) as admitted:
             if not admitted:
-                return _response(ctx, self.gate.full("predict requests"), self.config)
+                return self.gate.full("predict requests")
             budget = self.config.timeout_for(*(request.timeout_s for request in valid))
             try:
                 answers = await unless_disconnected(
-                    ctx.request,
+                    client,
                     self._upstream(budget, lambda left, fresh: upstream.batch(self.deployment, valid, left, fresh)),
                 )
             except ClientGone:
-                return _response(ctx, error_outcome(499, "the client closed the connection"), self.config)
+                return error_outcome(499, "the client closed the connection")
         answered = iter([answers] * len(valid) if isinstance(answers, dict) else answers)
         return [outcome or next(answered) for outcome in outcomes]
+
+    def retry_after(self, status: int) -> dict[str, str]:
+        """Every 429 and 503 says when to come back."""
+        return _retry_after(status, self.config)
 
     async def _upstream(self, budget: float, call: Callable[[float, bool], Awaitable[T]]) -> T | Outcome:
         """`call`'s answer (given the seconds left, and whether to use a new connection), or the
@@ -203,14 +224,32 @@ class Lane:
         raise AssertionError("unreachable")
 
     async def stream(self, request: BaseRequest[Any], ctx: bentoml.Context) -> AsyncGenerator[str, None]:
+        async with aclosing(self.relay(request)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, Refused):
+                    yield _http_error(ctx, chunk.status, chunk.body, self.config)
+                    return
+                yield chunk
+
+    async def relay(self, request: BaseRequest[Any]) -> AsyncGenerator[str | Refused, None]:
+        """The deployment's SSE frames for `request`, relayed by `_relay`; or, before any frame,
+        one `Refused`: the plain HTTP error to answer instead of a stream."""
         with self.gate.stream() as admitted:
             if not admitted:
                 full = self.gate.full("streams")
-                yield _http_error(ctx, full["status"], full["body"], self.config)
+                yield Refused(full["status"], full["body"])
                 return
             frames = upstream.stream(self.deployment, request)
-            async for chunk in _relay(frames, ctx, self.config, self.config.timeout_for(request.timeout_s)):
-                yield chunk
+            async with aclosing(_relay(frames, self.config, self.config.timeout_for(request.timeout_s))) as relayed:
+                async for chunk in relayed:
+                    yield chunk
+
+
+class Refused(NamedTuple):
+    """A stream refused before it began: the status and JSON body to answer instead."""
+
+    status: int
+    body: dict[str, Any]
 
 
 class Gate:
@@ -274,6 +313,10 @@ BatchItem = Annotated[RequestT, WrapValidator(_invalid_item_kept)]
 """A `/batch` item: validated on its own, so that an invalid one is its own 422 outcome, not the call's."""
 
 
+def _answer(outcome: Outcome) -> upstream.Answer:
+    return upstream.Answer(outcome["status"], bytes(JSONResponse(outcome["body"]).body))
+
+
 def _response(ctx: bentoml.Context, outcome: Outcome, config: DeploymentConfig) -> JSONResponse:
     # An API that takes `ctx` answers with ctx's status and headers, whatever the response says.
     ctx.response.status_code = outcome["status"]
@@ -287,12 +330,12 @@ def _retry_after(status: int, config: DeploymentConfig) -> dict[str, str]:
 
 
 async def _relay(
-    frames: AsyncGenerator[str, None], ctx: bentoml.Context, config: DeploymentConfig, budget: float
-) -> AsyncGenerator[str, None]:
+    frames: AsyncGenerator[str, None], config: DeploymentConfig, budget: float
+) -> AsyncGenerator[str | Refused, None]:
     """Forward a deployment's SSE frames whole, as they arrive, on the entry service's own clock.
 
-    Before anything is sent, an error frame carrying `status` becomes a plain HTTP error, and
-    the deadline a 504. Once the deployment has accepted the request (`: accepted`) or sent an
+    Before anything is sent, an error frame carrying `status` becomes a plain HTTP error
+    (`Refused`), and the deadline a 504. Once the deployment has accepted the request (`: accepted`) or sent an
     event, the stream is 200: quiet spells get heartbeats and the deadline an `error` event,
     whatever the deployment does (it may be frozen). A broken or truncated upstream still ends
     the stream with one `error` event. Leaving (deadline, client gone) closes the upstream
@@ -330,7 +373,7 @@ async def _relay(
                     continue
                 detail = f"no result within the deadline of {budget:g} s"
                 if not started:
-                    yield _http_error(ctx, 504, {"detail": detail}, config)
+                    yield Refused(504, {"detail": detail})
                     return
                 yield encode_event({"type": "error", "done": True, "error": detail, "code": "deadline_exceeded"})
                 return
@@ -348,14 +391,14 @@ async def _relay(
                     yield ACCEPTED
                 continue
             if not started and last["type"] == "error" and "status" in last:
-                yield _http_error(ctx, last["status"], last["body"], config)
+                yield Refused(last["status"], last["body"])
                 return
             started, finished, last_sent = True, last["done"], loop.time()
             yield complete
     except Exception as exc:
         logger.exception("relaying a stream failed")
         if not started:
-            yield _http_error(ctx, 502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"}, config)
+            yield Refused(502, {"detail": f"deployment failed: {type(exc).__name__}: {exc}"})
             return
         yield encode_event(error_event(exc, code="upstream_error"))
         return

@@ -13,14 +13,15 @@ class RequestBodies:
 
     - 413 for a body over the limit, declared or chunked, before anything reads it;
     - any content type is read as JSON (BentoML would otherwise try multipart forms and fail
-      with 500);
+      with 500), except on the `forms` paths, whose routes read multipart forms themselves;
     - a `/batch` body that is not JSON is a 422 here: BentoML parses list bodies with
       `json.loads` and answers its errors (bad bytes, deep nesting, huge numbers) with 500.
     """
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
+    def __init__(self, app: ASGIApp, limits: dict[str, int], forms: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.limits = limits
+        self.forms = forms
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limits.get(scope["path"]) if scope["type"] == "http" else None
@@ -50,8 +51,11 @@ class RequestBodies:
                 detail = [{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]
                 await send_json(send, 422, {"detail": detail})
                 return
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        kept = (b"content-length",) if scope["path"] in self.forms else (b"content-type", b"content-length")
+        headers = [(k, v) for k, v in scope["headers"] if k not in kept]
+        if scope["path"] not in self.forms:
+            headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-length", str(len(body)).encode()))
         replayed = False
 
         async def replay() -> Message:

@@ -9,13 +9,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class ValidationErrorsAs422:
-    """Answer BentoML's 400 for a body that fails validation as the contract's 422 `{"detail": [...]}`."""
+    """Answer BentoML's 400 for a body that fails validation as the contract's 422 `{"detail": [...]}`,
+    on the contract's routes (`paths`; the OpenAI routes answer their own 400s)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, paths: frozenset[str]) -> None:
         self.app = app
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         held: Message | None = None

@@ -107,6 +107,13 @@ def test_the_jobs_example_reads_a_log_again_from_after_an_event(default_server: 
     assert lines[-1].startswith('{"job_id":"flux-') and '"status":"succeeded"' in lines[-1]
 
 
+def test_the_openai_curl_example_transcribes_to_subtitles(default_server: Server, tmp_path: Path) -> None:
+    block = next(block for block in blocks("bash") if "/v1/audio/transcriptions" in block)
+    subtitles = run_example(block, default_server, tmp_path)
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n", subtitles), subtitles
+    assert "tomorrow morning" in subtitles.lower()
+
+
 def test_the_python_examples_run(default_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     for code in blocks("python"):
         exec(compile(code.replace("http://127.0.0.1:3000", default_server.url), "README.md", "exec"), {})
