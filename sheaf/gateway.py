@@ -83,7 +83,9 @@ async def _announce_when_ready(deployments: list[bentoml.Service[Any]]) -> None:
         await asyncio.sleep(0.5)
     base = _listening_url()
     routes = ", ".join(f"{base}/{deployment.name}/predict" for deployment in deployments)
-    logger.info("sheaf: every deployment is ready; Swagger at %s/ ; predict at %s", base, routes)
+    logger.info(
+        "sheaf: every deployment is ready; playground at %s/ui ; Swagger at %s/ ; predict at %s", base, base, routes
+    )
 
 
 def contract_middlewares(deployments: list[bentoml.Service[Any]]) -> list[tuple[type, dict[str, Any]]]:
@@ -161,7 +163,11 @@ class Lane:
             try:
                 answer = await unless_disconnected(
                     client,
-                    self._upstream(budget, lambda left, fresh: upstream.predict(self.deployment, request, left, fresh)),
+                    self._upstream(
+                        budget,
+                        lambda left, fresh: upstream.predict(self.deployment, request, left, fresh),
+                        request.request_id,
+                    ),
                 )
             except ClientGone:  # nobody reads the answer; leaving closes the call to the deployment
                 return _answer(error_outcome(499, "the client closed the connection"))
@@ -193,7 +199,11 @@ class Lane:
             try:
                 answers = await unless_disconnected(
                     client,
-                    self._upstream(budget, lambda left, fresh: upstream.batch(self.deployment, valid, left, fresh)),
+                    self._upstream(
+                        budget,
+                        lambda left, fresh: upstream.batch(self.deployment, valid, left, fresh),
+                        f"a list of {len(valid)}",
+                    ),
                 )
             except ClientGone:
                 return error_outcome(499, "the client closed the connection")
@@ -204,7 +214,7 @@ class Lane:
         """Every 429 and 503 says when to come back."""
         return _retry_after(status, self.config)
 
-    async def _upstream(self, budget: float, call: Callable[[float, bool], Awaitable[T]]) -> T | Outcome:
+    async def _upstream(self, budget: float, call: Callable[[float, bool], Awaitable[T]], label: str) -> T | Outcome:
         """`call`'s answer (given the seconds left, and whether to use a new connection), or the
         outcome that the entry service answers instead: 504 past `budget`, or the deployment's
         failure. A broken connection is tried once more over a new one: when a replica dies, the
@@ -217,7 +227,8 @@ class Lane:
                 return error_outcome(504, f"no answer within the deadline of {budget:g} s")
             except Exception as exc:  # the deployment refused, or a pooled connection to it broke
                 status = getattr(exc, "status", None)
-                logger.warning("%s predict failed upstream: %s: %s", self.name, type(exc).__name__, exc)
+                kind = type(exc).__name__
+                logger.warning("%s predict %s failed upstream (try %d): %s: %s", self.name, label, attempt, kind, exc)
                 if status is None and attempt == 1:
                     continue  # predicts are safe to send again
                 return error_outcome(status or 502, f"deployment {self.name}: {exc}")

@@ -18,6 +18,8 @@ class RoundRobin:
         self.cuts_left = cuts
         self.connections: Counter[int] = Counter()  # accepted per replica, ever
         self.open: Counter[int] = Counter()  # open now per replica
+        self.refused: Counter[int] = Counter()  # connections a replica refused, ever
+        self.dropped = 0  # client connections closed because every replica refused
         self._next = 0
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -47,15 +49,19 @@ class RoundRobin:
         server.close()
 
     async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-        for _ in self.replicas:  # a replica that refuses (down, restarting) is skipped, as readiness would
-            port = self.replicas[self._next % len(self.replicas)]
-            self._next += 1
+        # A replica that refuses (down, restarting) is skipped, as readiness would: each is tried once,
+        # from this connection's own turn (others that arrive meanwhile take theirs).
+        first, self._next = self._next, self._next + 1
+        for turn in range(len(self.replicas)):
+            port = self.replicas[(first + turn) % len(self.replicas)]
             try:
                 replica_in, replica_out = await asyncio.open_connection("127.0.0.1", port)
             except OSError:
+                self.refused[port] += 1
                 continue
             break
         else:
+            self.dropped += 1
             client_out.close()
             return
         self.connections[port] += 1

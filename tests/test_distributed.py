@@ -169,7 +169,8 @@ def test_a_killed_replica_fails_only_its_callers_and_rejoins_after_a_restart(two
     after = [{**PROMPT, "request_id": f"after-{i}"} for i in range(8)]
     answered = predict_at_once(cluster.entry, "textgen", after)
     failures = [line for line in cluster.entry.log_text().splitlines() if "failed upstream" in line]
-    assert [r.status_code for r in answered] == [200] * len(after), ([r.text for r in answered], failures[-8:])
+    routed = {"connections": proxy.connections, "refused": proxy.refused, "dropped": proxy.dropped}
+    assert [r.status_code for r in answered] == [200] * len(after), ([r.text for r in answered], failures, routed)
     assert len(cluster.answered(0, r"after-\d+")) == len(after)
 
     # Restarted on the same port, the replica takes load again.
