@@ -39,10 +39,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Debian packages the tests use: espeak-ng speaks the test audio; redis-server backs the production feature store.
+# Debian packages the tests use: espeak-ng speaks the test audio; redis-server backs the production feature store;
+# chromium is the browser the playground tests drive.
 system-deps:
-	@command -v espeak-ng >/dev/null && command -v redis-server >/dev/null && command -v curl >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq espeak-ng redis-server curl >/dev/null; }
+	@command -v espeak-ng >/dev/null && command -v redis-server >/dev/null && command -v curl >/dev/null && \
+		command -v chromium >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng redis-server curl chromium >/dev/null; }
 
 test: lint system-deps
 	$(BIN)/pytest

@@ -35,6 +35,7 @@ from sheaf.openai_api import PREFIX as OPENAI_PREFIX
 from sheaf.openai_api.routes import openai_app
 from sheaf.outcomes import Outcome
 from sheaf.service import TIMEOUT_MARGIN_S
+from sheaf.ui import ui_app
 
 # Before `bentoml serve` starts its servers: a metrics folder of this server's own (BentoML's
 # default is shared by every server on the machine), and no unauthenticated control port.
@@ -149,6 +150,7 @@ LANES = {service.name: Lane(service) for service in SERVED}
 
 @bentoml.asgi_app(probes(SERVED, job_routes(JOBS)), path="/", name="probes")
 @bentoml.asgi_app(openai_app(LANES), path=OPENAI_PREFIX, name="openai")
+@bentoml.asgi_app(ui_app(LANES), path="/ui", name="ui")
 # BentoML's timeout only bounds the time to a stream's first byte; sheaf's own deadlines come first.
 @bentoml.service(
     name="sheaf",

@@ -114,6 +114,12 @@ def test_the_openai_curl_example_transcribes_to_subtitles(default_server: Server
     assert "tomorrow morning" in subtitles.lower()
 
 
+def test_the_playground_ships_in_the_bento(default_server: Server) -> None:
+    page = httpx.get(f"{default_server.url}/ui/", timeout=10)
+    assert page.status_code == 200 and "<script" in page.text
+    assert httpx.get(f"{default_server.url}/ui/static/app.js", timeout=10).status_code == 200
+
+
 def test_the_python_examples_run(default_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     for code in blocks("python"):
         exec(compile(code.replace("http://127.0.0.1:3000", default_server.url), "README.md", "exec"), {})
