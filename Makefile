@@ -28,11 +28,13 @@ bento: install
 	$(BIN)/python -m sheaf.feature_demo .feast-demo
 	$(BIN)/bentoml build
 
-# Overhead and batching gain on tiny models, then streams against predicts on the real SmolLM2;
-# writes bench/results/<date>.md and <date>-streams-smollm2.md (not part of `make test`).
+# Overhead and batching gain on tiny models, streams against predicts on the real SmolLM2, FLUX with
+# many adapter selections; writes bench/results/<date>.md, <date>-streams-smollm2.md and <date>-adapters.md
+# (not part of `make test`).
 bench: install system-deps
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.run streams-smollm2
+	$(BIN)/python -m bench.adapters
 
 lint: install
 	$(BIN)/ruff check .

@@ -43,6 +43,11 @@ class FluxOptions(BaseModel):
     max_sequence_length: int = Field(
         512, ge=16, le=512, description="T5 prompt tokens; FLUX.1-schnell was trained with 256."
     )
+    mixed_adapter_batches: bool = Field(
+        True,
+        description="Requests with different adapter selections share one pipeline call, each sample with its "
+        "own adapters (per-sample LoRA); false groups them by selection, one call per selection.",
+    )
     batch_invariant: bool = Field(
         True,
         description="Multiply one sample at a time so a seed's image never depends on its batch; "

@@ -69,7 +69,8 @@ def test_streams_batches_adapters_and_lookups_are_counted(server: Server) -> Non
     assert grew("sheaf_stream_events_total", deployment="textgen", type="result") >= 1
     assert grew("sheaf_streams_cancelled_total", deployment="textgen") >= 1
     assert grew("sheaf_stream_events_total", deployment="flux", type="progress") >= 4
-    assert grew("sheaf_adapter_swaps_total", deployment="flux") >= 1
+    # Mixed adapter batches: ["a"] and ["b"] ran without the pipeline's own selection changing.
+    assert grew("sheaf_adapter_swaps_total", deployment="flux") == 0
     assert grew("sheaf_adapter_lock_wait_seconds_count", deployment="flux") >= 2
     assert grew("sheaf_feature_lookup_seconds_count", deployment="forecast") >= 1
     assert grew("sheaf_batch_size_count", deployment="textgen", route="predict") >= 1

@@ -1,7 +1,10 @@
 """Image generation with a diffusers FluxPipeline: LoRA adapters per request, batched, streamed.
 
 A predict batch is split into groups that can share one pipeline call: the same size, steps,
-guidance, negative prompt and adapter selection. Each group runs under the adapter lock
+guidance and negative prompt. Requests with different adapter selections share a call too
+(`mixed_adapter_batches`, on by default): each sample is computed with its own adapters and
+weights (`sheaf.backends.mixed_lora`), and the pipeline's global LoRA selection never changes.
+With it off, the selection is part of the group, and each group runs under the adapter lock
 (`sheaf.lora.AdapterLock`), which applies the group's selection and keeps every other use of
 the pipeline out until the call ends: LoRA selection in diffusers is global to the pipeline.
 
@@ -28,6 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +55,7 @@ from sheaf.backends.base import (
 )
 from sheaf.backends.batch_invariance import per_sample_linears
 from sheaf.backends.images import crop_center, png_b64
+from sheaf.backends.mixed_lora import MixedAdapters, MixedAdaptersUnsupported
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -123,6 +128,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         self._default_weights = {adapter.name: adapter.weight for adapter in self._options.adapters}
         self._pipe: Any = None  # a diffusers FluxPipeline
         self._adapters: AdapterLock | None = None
+        self._mixed: MixedAdapters | None = None  # per-sample LoRA, when on and the adapters allow it
         self._max_prompt_chars = 0  # set by load(), from the T5 tokenizer
 
     @property
@@ -153,11 +159,22 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         self._max_prompt_chars = self._options.max_sequence_length * max(map(len, pipe.tokenizer_2.get_vocab()))
         self._pipe = pipe
         self._adapters = AdapterLock(self._apply_selection, deployment=self.config.name)
+        if self._options.mixed_adapter_batches and self._options.adapters:
+            try:
+                self._mixed = MixedAdapters([pipe.transformer, pipe.text_encoder])
+            except MixedAdaptersUnsupported as exc:
+                logger.warning(
+                    "%s: adapters grouped by selection: per-sample LoRA cannot take %s", self.config.name, exc
+                )
+            else:
+                with self.adapters.hold(()):  # the layers' own LoRA off, for good: the hooks add each sample's
+                    pass
         logger.info(
-            "loaded %s from %s with %d adapter(s) on %s in %.1f s",
+            "loaded %s from %s with %d adapter(s)%s on %s in %.1f s",
             self.config.name,
             weights,
             len(self._options.adapters),
+            " (mixed batches)" if self._mixed else "",
             pipe.device,
             elapsed_ms(started) / 1000,
         )
@@ -243,7 +260,9 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         selection is active first, then the rest by selection, for the fewest adapter swaps."""
         groups: dict[_GroupKey, list[int]] = {}
         for index, job in enumerate(jobs):
-            groups.setdefault(job.key, []).append(index)
+            # Mixed: one call takes every selection, and the pipeline's own selection stays off (`()`).
+            key = (job.shape, ()) if self._mixed else job.key
+            groups.setdefault(key, []).append(index)
         active = self.adapters.active
         return sorted(groups.items(), key=lambda item: (item[0][1] != active, item[0][1]))
 
@@ -294,9 +313,9 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
             logger.info("group of %d cancelled after %d of %d steps", len(group), run.steps, shape.steps)
             run.outcomes = [None] * len(group)
             return run
-        metadata = {"batch_size": len(group), "inference_ms": elapsed, "adapters": dict(selection)}
+        metadata = {"batch_size": len(group), "inference_ms": elapsed}
         run.outcomes = [
-            None if image is None else self._response(job, image, dict(metadata))
+            None if image is None else self._response(job, image, {**metadata, "adapters": dict(job.selection)})
             for job, image in zip(group, images, strict=True)
         ]
         return run
@@ -348,11 +367,12 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         None for a job whose cancel is set by then (nobody would see it), and none when interrupted."""
         pipe = self.pipe
         height, width = self._model_size(shape.height), self._model_size(shape.width)
+        selections = [job.selection for job in jobs]
         with torch.inference_mode():
-            embeds, pooled = self._encode([job.prompt for job in jobs])
+            embeds, pooled = self._encode([job.prompt for job in jobs], selections)
             guidance: dict[str, Any] = {}
             if shape.negative_prompt and shape.guidance_scale > 1.0:  # diffusers ignores it at or below 1
-                negative, negative_pooled = self._encode([shape.negative_prompt] * len(jobs))
+                negative, negative_pooled = self._encode([shape.negative_prompt] * len(jobs), selections)
                 guidance = {
                     "negative_prompt_embeds": negative,
                     "negative_pooled_prompt_embeds": negative_pooled,
@@ -363,20 +383,21 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
                 on_step(index, tensors["latents"])
                 return {}  # the latents go on unchanged
 
-            latents = pipe(
-                prompt_embeds=embeds,
-                pooled_prompt_embeds=pooled,
-                height=height,
-                width=width,
-                num_inference_steps=shape.steps,
-                guidance_scale=shape.guidance_scale,
-                # One generator per image, on the CPU: each image's noise is its seed's alone, on any device.
-                generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
-                output_type="latent",
-                callback_on_step_end=callback,
-                max_sequence_length=self._options.max_sequence_length,
-                **guidance,
-            ).images
+            with self._per_sample(selections):
+                latents = pipe(
+                    prompt_embeds=embeds,
+                    pooled_prompt_embeds=pooled,
+                    height=height,
+                    width=width,
+                    num_inference_steps=shape.steps,
+                    guidance_scale=shape.guidance_scale,
+                    # One generator per image, on the CPU: each image's noise is its seed's alone, on any device.
+                    generator=[torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+                    output_type="latent",
+                    callback_on_step_end=callback,
+                    max_sequence_length=self._options.max_sequence_length,
+                    **guidance,
+                ).images
             if pipe.interrupt:
                 return []
             return [
@@ -391,19 +412,26 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         multiple = int(self.pipe.vae_scale_factor) * 2
         return math.ceil(side / multiple) * multiple
 
-    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings, one prompt at a time: encoded alone or among others, a prompt gives the same numbers."""
+    def _encode(self, prompts: Sequence[str], selections: Sequence[Selection]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings, one prompt at a time (each with its own adapters, when mixed): encoded alone
+        or among others, a prompt gives the same numbers."""
         pipe = self.pipe
-        encoded = [
-            pipe.encode_prompt(
-                prompt=prompt,
-                prompt_2=None,
-                device=pipe._execution_device,
-                max_sequence_length=self._options.max_sequence_length,
-            )
-            for prompt in prompts
-        ]
+        encoded = []
+        for prompt, selection in zip(prompts, selections, strict=True):
+            with self._per_sample([selection]):
+                encoded.append(
+                    pipe.encode_prompt(
+                        prompt=prompt,
+                        prompt_2=None,
+                        device=pipe._execution_device,
+                        max_sequence_length=self._options.max_sequence_length,
+                    )
+                )
         return torch.cat([item[0] for item in encoded]), torch.cat([item[1] for item in encoded])
+
+    def _per_sample(self, selections: Sequence[Selection]) -> AbstractContextManager[None]:
+        """Row i of what runs within computed with `selections[i]` (mixed batches; else nothing to do)."""
+        return self._mixed.rows(selections) if self._mixed else nullcontext()
 
     def _decode(self, packed: torch.Tensor, height: int, width: int, scale: float = 1.0) -> Image.Image:
         """One image from its packed latents; `scale` < 1 shrinks the latents first, for a cheap preview."""

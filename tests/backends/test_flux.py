@@ -69,7 +69,13 @@ def make_backend(weights: dict[str, Path], **options: Any) -> FluxBackend:
 
 @pytest.fixture(scope="module")
 def backend(weights: dict[str, Path]) -> FluxBackend:
-    return make_backend(weights)
+    return make_backend(weights)  # mixed adapter batches, the default
+
+
+@pytest.fixture(scope="module")
+def grouped(weights: dict[str, Path]) -> FluxBackend:
+    """The fallback: one pipeline call per adapter selection, each under the adapter lock."""
+    return make_backend(weights, mixed_adapter_batches=False)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +190,8 @@ def test_server_picks_a_seed_that_reproduces_the_image(backend: FluxBackend) -> 
 # -- the same seed gives the same image ----------------------------------------------------------
 
 
-def test_same_seed_same_image_alone_in_a_mixed_batch_and_streamed(backend: FluxBackend) -> None:
+def test_same_seed_same_image_alone_in_a_mixed_batch_and_streamed(grouped: FluxBackend) -> None:
+    backend = grouped
     plain = request(height=24, width=40, seed=11)
     adapted = request(seed=12, **SELECTIONS["a+b"])
     alone = {name: predict(backend, req) for name, req in (("plain", plain), ("adapted", adapted))}
@@ -230,7 +237,11 @@ def test_each_adapter_selection_gives_its_own_image(backend: FluxBackend) -> Non
     assert len(set(images.values())) == len(SELECTIONS)
 
 
-def test_no_adapter_bleed_between_concurrent_predicts_and_streams(backend: FluxBackend) -> None:
+@pytest.mark.parametrize("mode", ["mixed", "grouped"])
+def test_no_adapter_bleed_between_concurrent_predicts_and_streams(
+    mode: str, backend: FluxBackend, grouped: FluxBackend
+) -> None:
+    backend = backend if mode == "mixed" else grouped
     expected = reference_images(backend)
     swaps_before = backend.adapters.swaps
     results: list[tuple[str, str, bytes]] = []
@@ -263,14 +274,18 @@ def test_no_adapter_bleed_between_concurrent_predicts_and_streams(backend: FluxB
     assert len(results) == 15 + len(SELECTIONS)
     for name, kind, got in results:
         assert got == expected[name], f"{kind} with adapters {name} gave another selection's image"
-    assert backend.adapters.swaps > swaps_before  # the selections really did alternate
+    if mode == "grouped":
+        assert backend.adapters.swaps > swaps_before  # the selections really did alternate
+    else:
+        assert backend.adapters.swaps == swaps_before  # every selection at once, the pipeline's own never changed
 
 
 def active(backend: FluxBackend) -> Selection | None:
     return backend.adapters.active
 
 
-def test_empty_adapters_never_inherit_the_last_selection(backend: FluxBackend) -> None:
+def test_empty_adapters_never_inherit_the_last_selection(grouped: FluxBackend) -> None:
+    backend = grouped
     without = pixels(predict(backend, request(adapters=[])))
     predict(backend, request(adapters=["a"]))
     assert active(backend) == (("a", 1.0),)
@@ -289,6 +304,40 @@ def test_default_adapters_apply_when_adapters_is_null(backend: FluxBackend, defa
     assert pixels(defaulted) == pixels(predict(backend, request(adapters=["a"])))
     # An explicit empty list still turns the defaults off.
     assert pixels(predict(default_a_backend, request(adapters=[]))) == pixels(predict(backend, request(adapters=[])))
+
+
+def test_every_selection_in_one_mixed_batch_is_its_image_alone(
+    backend: FluxBackend, grouped: FluxBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = reference_images(backend)
+    assert len(set(alone.values())) == len(SELECTIONS)  # each selection draws its own image
+    assert alone == reference_images(grouped)  # the same pixels as with the pipeline's own LoRA path
+    steps = count_denoising_steps(monkeypatch, backend)
+    swaps = backend.adapters.swaps
+    outcomes = backend.predict_batch([request(**fields) for fields in SELECTIONS.values()])
+    assert steps[0] == 4  # one denoising loop of 4 steps for the four selections
+    assert backend.adapters.swaps == swaps
+    for name, outcome in zip(SELECTIONS, outcomes, strict=True):
+        assert isinstance(outcome, DiffusionResponse)
+        assert pixels(outcome) == alone[name], f"{name} in a mixed batch is not its image alone"
+        assert outcome.metadata["batch_size"] == len(SELECTIONS)
+        assert outcome.metadata["adapters"] == dict(backend.selection(request(**SELECTIONS[name])))
+
+
+def test_streams_with_mixed_selections_share_one_loop_each_with_its_own_image(
+    backend: FluxBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = reference_images(backend)
+    requests = [request(preview_every=2, **fields) for fields in SELECTIONS.values()]
+    got: dict[int, list[Any]] = {index: [] for index in range(len(requests))}
+    steps = count_denoising_steps(monkeypatch, backend)
+    backend.stream_batch(requests, [threading.Event() for _ in requests], lambda index, event: got[index].append(event))
+    assert steps[0] == 4
+    for index, name in enumerate(SELECTIONS):
+        *progress, last = [event for event in got[index] if not isinstance(event, Admitted)]
+        assert [event.step for event in progress] == [1, 2, 3, 4]
+        assert [event.preview_b64 is not None for event in progress] == [False, True, False, True]
+        assert isinstance(last, ResultEvent) and pixels(last.response) == alone[name]
 
 
 def test_selection_is_canonical(backend: FluxBackend) -> None:
@@ -517,14 +566,19 @@ def test_every_stream_of_a_batch_leaving_stops_its_loop(backend: FluxBackend, mo
     assert_lock_free(backend)
 
 
-def test_a_batch_of_streams_runs_a_group_per_selection_without_bleed(backend: FluxBackend) -> None:
+@pytest.mark.parametrize(("mode", "batch_sizes"), [("grouped", [2, 1, 2, 1, 1]), ("mixed", [5] * 5)])
+def test_a_batch_of_streams_runs_a_group_per_selection_without_bleed(
+    mode: str, batch_sizes: list[int], backend: FluxBackend, grouped: FluxBackend
+) -> None:
+    """Grouped: one denoising loop per selection; mixed: one for all five."""
+    backend = backend if mode == "mixed" else grouped
     requests = [request(seed=5, **SELECTIONS[name]) for name in ("a", "b", "a", "none", "a+b")]
     expected = [pixels(predict(backend, req)) for req in requests]
     assert len(set(expected)) == 4  # each selection draws its own image
     got = Collected(len(requests))
     backend.stream_batch(requests, got.cancels, got.emit)
     assert [pixels(got.result(i)) for i in range(len(requests))] == expected
-    assert [got.result(i).metadata["batch_size"] for i in range(len(requests))] == [2, 1, 2, 1, 1]
+    assert [got.result(i).metadata["batch_size"] for i in range(len(requests))] == batch_sizes
 
 
 def test_an_invalid_stream_of_a_batch_is_refused_alone(backend: FluxBackend) -> None:

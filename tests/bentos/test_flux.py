@@ -198,3 +198,27 @@ def test_a_huge_prompt_is_a_quick_422(server: Server) -> None:
         assert response.status_code == 422, response.text
         assert response.json()["detail"][0]["loc"] == ["body", "prompt"]
         assert "at most 512 tokens" in response.json()["detail"][0]["msg"]
+
+
+def test_sixteen_predicts_with_random_selections_share_calls_without_bleed(together_server: Server) -> None:
+    """Mixed adapter batches (the default): selections share pipeline calls, and the pipeline's own
+    adapter selection never changes (no swap)."""
+    from tests.test_metrics import samples, value
+
+    server = together_server
+    names = list(SELECTIONS)
+    chosen = [names[(i * 7 + 3) % len(names)] for i in range(16)]  # every selection, in a scrambled order
+    bodies = [{**BASE, "seed": 100 + i, **SELECTIONS[name]} for i, name in enumerate(chosen)]
+    alone = [predict(server, body).json()["image_b64"] for body in bodies]
+    swaps = value(samples(server), "sheaf_adapter_swaps_total", deployment="flux")
+    responses = predict_at_once(server, "flux", bodies)
+    assert [r.status_code for r in responses] == [200] * 16
+    answers = [r.json() for r in responses]
+    assert [answer["image_b64"] for answer in answers] == alone  # each its own image: no bleed
+    # One call's members share its batch size and time; fewer calls than selections were sent.
+    calls: dict[tuple[int, float], set[str]] = {}
+    for answer, name in zip(answers, chosen, strict=True):
+        calls.setdefault((answer["metadata"]["batch_size"], answer["metadata"]["inference_ms"]), set()).add(name)
+    assert len(calls) < len(set(chosen))
+    assert max(len(selections) for selections in calls.values()) > 1
+    assert value(samples(server), "sheaf_adapter_swaps_total", deployment="flux") == swaps
