@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import predicts
-from bench.run import RESULTS, machine
+from bench.run import machine, write_results
 from sheaf.backends.base import limit_torch_threads
 from tests.conftest import serve
 
@@ -121,12 +121,7 @@ def main() -> int:
         *rows,
         "",
     ]
-    table = "\n".join(lines)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.date.today().isoformat()}-adapters.md"
-    out.write_text(table)
-    print(table)
-    print(f"wrote {out}", file=sys.stderr)
+    write_results("\n".join(lines), "-adapters")
     return 0
 
 

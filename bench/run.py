@@ -262,13 +262,17 @@ def main() -> int:
         measure(work, lm, batch, results)
     compare_replicas(work, lm, results)
     compare_batchers(work, lm, results)
-    table = report(results)
+    write_results(report(results))
+    return 0
+
+
+def write_results(table: str, suffix: str = "") -> None:
+    """`table` into `bench/results/<date><suffix>.md`, and printed."""
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.date.today().isoformat()}.md"
+    out = RESULTS / f"{datetime.date.today().isoformat()}{suffix}.md"
     out.write_text(table)
     print(table)
     print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 def report(results: Results) -> str:
@@ -406,9 +410,7 @@ def streams_only(names: list[str], smollm2: bool = False) -> int:
                 print(f"{name} c={concurrency}: {results.rates[(name, True, concurrency)]:.1f} predicts/s, {found}")
     title = f"# sheaf concurrent streams, {datetime.date.today().isoformat()}"
     table = "\n".join([title, "", f"Machine: {machine()}.", "", *report_streams(results), ""])
-    out = RESULTS / f"{datetime.date.today().isoformat()}-streams{'-smollm2' if smollm2 else ''}.md"
-    out.write_text(table)
-    print(table)
+    write_results(table, f"-streams{'-smollm2' if smollm2 else ''}")
     return 0
 
 

@@ -8,11 +8,11 @@ import base64
 import zlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import FormData, UploadFile
 
 from sheaf.api import TranscriptionRequest
-from sheaf.openai_api.errors import bad_parameter, from_validation
+from sheaf.openai_api.errors import bad_parameter, parsed
 
 RENAMES = {
     "initial_prompt": "prompt",
@@ -53,10 +53,7 @@ class AudioForm(BaseModel):
         for name in ("timestamp_granularities[]", "timestamp_granularities"):
             if name in form:
                 fields["timestamp_granularities[]"] = form.getlist(name)
-        try:
-            return cls.model_validate(fields)
-        except ValidationError as exc:
-            raise from_validation(exc, {"timestamp_granularities[]": "timestamp_granularities"}) from None
+        return parsed(cls, fields, {"timestamp_granularities[]": "timestamp_granularities"})
 
     @property
     def words(self) -> bool:
@@ -79,10 +76,7 @@ async def to_sheaf(form: FormData, fields: AudioForm, task: str, request_id: str
         "temperature": fields.temperature or 0.0,
         "word_timestamps": fields.words,
     }
-    try:
-        return TranscriptionRequest.model_validate(sheaf_fields)
-    except ValidationError as exc:
-        raise from_validation(exc, RENAMES) from None
+    return parsed(TranscriptionRequest, sheaf_fields, RENAMES)
 
 
 def formatted(answer: dict[str, Any], fields: AudioForm, task: str) -> tuple[str | dict[str, Any], str]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sheaf.api import TextGenerationRequest
-from sheaf.openai_api.errors import bad_parameter, from_validation
+from sheaf.openai_api.errors import bad_parameter, parsed
 
-RENAMES = {"max_new_tokens": "max_tokens", "initial_prompt": "prompt"}
+RENAMES = {"max_new_tokens": "max_tokens"}
 """sheaf's field names in errors, as the OpenAI parameters they came from."""
 
 
@@ -60,10 +60,7 @@ class _Generation(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> Self:
-        try:
-            return cls.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation(exc) from None
+        return parsed(cls, body)
 
     @field_validator("n")
     @classmethod
@@ -137,10 +134,7 @@ class CompletionRequest(_Generation):
 
 
 def _sheaf_request(fields: dict[str, Any]) -> TextGenerationRequest:
-    try:
-        return TextGenerationRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise from_validation(exc, RENAMES) from None
+    return parsed(TextGenerationRequest, fields, RENAMES)
 
 
 def _usage(answer: dict[str, Any]) -> dict[str, int]:

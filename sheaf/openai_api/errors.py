@@ -4,11 +4,12 @@ sheaf's own (`{"detail": ...}` with the contract's statuses)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
 
 
@@ -66,6 +67,14 @@ def _param(loc: list[Any], renames: Mapping[str, str]) -> str:
     for part in parts[1:]:
         text += f"[{part}]" if isinstance(part, int) else f".{part}"
     return text
+
+
+def parsed(model: type[ModelT], fields: Any, renames: Mapping[str, str] | None = None) -> ModelT:
+    """`fields` as an OpenAI request `model`; its first problem a 400 naming the parameter."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation(exc, renames) from None
 
 
 def from_validation(exc: ValidationError, renames: Mapping[str, str] | None = None) -> OpenAIError:

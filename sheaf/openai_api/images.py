@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sheaf.api import DiffusionRequest
-from sheaf.openai_api.errors import bad_parameter, from_validation
+from sheaf.openai_api.errors import bad_parameter, parsed
 
 EXTENSIONS = ("negative_prompt", "num_inference_steps", "guidance_scale", "adapters", "adapter_weights")
 """sheaf's own diffusion fields, taken when a request carries them (`extra_body` in the `openai` package)."""
@@ -43,10 +43,7 @@ class ImageRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> ImageRequest:
-        try:
-            return cls.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation(exc) from None
+        return parsed(cls, body)
 
     def to_sheaf(self, request_id: str, max_batch_size: int) -> list[DiffusionRequest]:
         count = self.n or 1
@@ -57,15 +54,14 @@ class ImageRequest(BaseModel):
             width, height = (int(side) for side in self.size.split("x"))
             fields.update(width=width, height=height)
         fields.update({key: value for key, value in (self.model_extra or {}).items() if key in EXTENSIONS})
-        try:
-            return [
-                DiffusionRequest.model_validate(
-                    {**fields, "request_id": f"{request_id}-{i}", "seed": None if self.seed is None else self.seed + i}
-                )
-                for i in range(count)
-            ]
-        except ValidationError as exc:
-            raise from_validation(exc, {"width": "size", "height": "size"}) from None
+        return [
+            parsed(
+                DiffusionRequest,
+                {**fields, "request_id": f"{request_id}-{i}", "seed": None if self.seed is None else self.seed + i},
+                {"width": "size", "height": "size"},
+            )
+            for i in range(count)
+        ]
 
 
 def images_response(answers: list[dict[str, Any]], created: int) -> dict[str, Any]:
