@@ -70,13 +70,19 @@ class Batcher(Generic[Item, Answer]):
         """Whether any caller still waits in the queue."""
         return any(not group.sent.done() for group in self.queue)
 
-    async def submit(self, items: list[Item]) -> list[Answer]:
-        """The answers to `items`, sent in one batch, possibly with other callers' items."""
+    def submit(self, items: list[Item]) -> Awaitable[list[Answer]]:
+        """The answers to `items`, sent in one batch, possibly with other callers' items, to await.
+
+        They are queued before this returns, and may already have left in a batch: whoever looks
+        next (a stream that would join the running call) sees them, not an empty queue."""
         if len(items) > self.max_batch_size:
             raise ValueError(f"{len(items)} items in one group, more than max_batch_size ({self.max_batch_size})")
         group: _Group[Item, Answer] = _Group(items)
         self.queue.append(group)
         self._dispatch()
+        return self._answers(group)
+
+    async def _answers(self, group: _Group[Item, Answer]) -> list[Answer]:
         try:
             if not group.sent.done():  # no slot free: wait for one
                 await asyncio.wait_for(asyncio.shield(group.sent), self.max_queue_s)

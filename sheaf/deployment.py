@@ -10,10 +10,11 @@
   stream then takes a seat (`sheaf.seats.StreamSeat`) in the same batcher as the predicts, and its batch
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
   backend with `streams_alone` streams it on a thread of its own instead). A backend that
-  `joins_running` runs every batch that way, and a stream or lone predict that arrives while
-  one runs joins it (`RunningCall`, from the moment its batch leaves the queue) unless a
-  `/batch` group waits in the queue (`submit`); it waits there for room, first come first
-  served, rather than for the call to end. A failure before
+  `joins_running` runs every batch that way, and a stream or predict (each item of a `/batch`
+  call too) that arrives while one runs joins it (`RunningCall`, from the moment its batch
+  leaves the queue) unless something waits in the queue (for the next call, as the running
+  one ended); it waits there for room, first come first served, rather than for the call to
+  end. A failure before
   the first event is sent as an error event that also carries `status` and `body`, which
   the gateway turns into a plain HTTP error; a failure after it ends the stream with an
   `error` event. Streams never use the cache.
@@ -153,13 +154,18 @@ class Deployment:
 
     async def submit(self, requests: Sequence[BaseRequest[Any]]) -> list[Outcome]:
         """One outcome per request, in order, from a model call shared with other callers' requests
-        (`QueueFull` when none took them in time). A lone predict joins the call running now when
-        the backend `joins_running`; the rest queue for the next batch."""
-        if len(requests) == 1 and self._can_join():
-            joined = await self._predict_in_running_call(requests[0])
-            if joined is not None:
-                return [joined]
-        return await self.batcher.submit(list(requests))
+        (`QueueFull` when none took them in time). When the backend `joins_running`, they join the
+        call running now, each as it has room (a `/batch` call too: queued, it would wait for the
+        longest stream of that call to end, and every later request behind it); the rest queue for
+        the next batch."""
+        if not self._can_join():
+            return await self.batcher.submit(list(requests))
+        joined = await asyncio.gather(*(self._predict_in_running_call(request) for request in requests))
+        left: list[BaseRequest[Any] | StreamSeat] = [
+            request for request, outcome in zip(requests, joined, strict=True) if outcome is None
+        ]
+        queued = iter(await self.batcher.submit(left) if left else [])
+        return [next(queued) if outcome is None else outcome for outcome in joined]
 
     def _can_join(self) -> bool:
         return self.running is not None and not self.batcher.waiting

@@ -1,4 +1,4 @@
-"""A request's place in a model call shared with others: a stream's seat, or a lone predict's
+"""A request's place in a model call shared with others: a stream's seat, or a predict's
 that rides a running call (`StreamSeat`), and the call in the model that they join while it
 runs (`RunningCall`). `sheaf.deployment` seats them; the backend's thread hands each seat its
 events as they are made.
@@ -34,7 +34,7 @@ class StreamSeat:
 
 
 class RunningCall:
-    """The call in the model of a backend that `joins_running`: streams and lone predicts that
+    """The call in the model of a backend that `joins_running`: streams and predicts that
     arrive while it runs are offered to it, and join at a step boundary once it has room, in the
     order they came (so a long stream in the call never keeps them waiting for its end)."""
 

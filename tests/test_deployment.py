@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sheaf.api import FeatureRef, ForecastRequest
+from sheaf.api import FeatureRef, ForecastRequest, TextGenerationRequest
 from sheaf.config import Cache, DeploymentConfig, FeatureStore, ModelSource
 from sheaf.deployment import Deployment
 from sheaf.feature_demo import demo_series
@@ -105,3 +105,33 @@ def test_the_cache_keeps_successes_and_streams_skip_it(model: Path) -> None:
 
     (result,) = SSEDecoder().feed("".join(asyncio.run(frames())))
     assert "cache_hit" not in result["metadata"]
+
+
+def test_streams_that_arrive_together_share_one_textgen_call_instead_of_queueing_behind_it(tiny_lm: Path) -> None:
+    # Each stream leaves only once both have tokens: had the second queued behind the first's call
+    # (30000 tokens long), neither would ever get there.
+    config = DeploymentConfig(
+        name="textgen", model=ModelSource(path=str(tiny_lm)), heartbeat_s=0.2, options={"max_new_tokens_limit": 30000}
+    )
+    deployment = Deployment(config, "sheaf.backends.textgen:TextGenerationBackend")
+    deployment.start()
+    assert deployment.loaded.wait(60), deployment.load_error
+
+    async def both() -> list[int]:
+        tokens = [0, 0]
+        both_going = asyncio.Event()
+
+        async def read(index: int) -> None:
+            request = TextGenerationRequest(prompt=f"story {index}", max_new_tokens=30000, timeout_s=60)
+            decoder = SSEDecoder()
+            async for frame in deployment.stream(request):
+                tokens[index] += sum(event["type"] == "token" for event in decoder.feed(frame))
+                if min(tokens) >= 3:
+                    both_going.set()
+                if both_going.is_set():
+                    return
+
+        await asyncio.wait_for(asyncio.gather(read(0), read(1)), 30)
+        return tokens
+
+    assert min(asyncio.run(both())) >= 3

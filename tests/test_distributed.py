@@ -129,7 +129,8 @@ def test_a_killed_replica_fails_only_its_callers_and_rejoins_after_a_restart(two
         stream.start()
     deadline = time.monotonic() + 30
     while not (all(len(s.events) >= 2 for s in streams) and all(proxy.open[port] for port in proxy.replicas)):
-        assert time.monotonic() < deadline, f"the streams did not spread over both replicas: {proxy.open}"
+        counts = {s.request_id: len(s.events) for s in streams}
+        assert time.monotonic() < deadline, f"streams not all going on both replicas: {counts}, open: {proxy.open}"
         time.sleep(0.05)
 
     # Predicts in flight as well, each with a deadline of 20 s.

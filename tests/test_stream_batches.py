@@ -294,6 +294,32 @@ def test_a_textgen_predict_joins_a_running_stream_and_answers_before_it_ends(ser
     assert re.search(r"textgen predict request_id=tg-predict-joins status=200 batch=2", server.log_text())
 
 
+def test_a_textgen_batch_call_joins_a_running_stream_and_so_do_the_requests_after_it(server: Server) -> None:
+    long = {"prompt": "Once", "max_new_tokens": 30000, "request_id": "tg-long-for-batch"}
+    batch = [{"prompt": f"Batch {i}", "max_new_tokens": 5, "request_id": f"tg-batch-{i}"} for i in range(3)]
+    after = {"prompt": "After", "max_new_tokens": 5, "request_id": "tg-after-batch"}
+
+    async def run() -> tuple[httpx.Response, httpx.Response, bool]:
+        async with (
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+            long_stream_running(client, long) as running,
+        ):
+            answers = asyncio.ensure_future(client.post("/textgen/batch", json=batch))
+            await asyncio.sleep(0.05)
+            one = await client.post("/textgen/predict", json=after)
+            return await answers, one, not running.done()
+
+    answers, one, long_still_running = asyncio.run(run())
+    assert long_still_running  # neither waited for the 30000 tokens
+    assert answers.status_code == 200, answers.text
+    assert [item["status"] for item in answers.json()] == [200] * len(batch)
+    assert min(item["body"]["metadata"]["batch_size"] for item in answers.json()) > 1  # beside the long one
+    expected = solo_predicts(server, "textgen", [*batch, after])
+    assert [item["body"]["text"] for item in answers.json()] == [answer["text"] for answer in expected[:3]]
+    assert one.status_code == 200, one.text
+    assert one.json()["text"] == expected[3]["text"]
+
+
 def test_more_predicts_than_a_running_call_has_room_for_join_as_rows_end_not_after_it(server: Server) -> None:
     # textgen's test config: max_batch_size 16, so 19 predicts beside the long stream do not all fit at once.
     long = {"prompt": "Once", "max_new_tokens": 30000, "request_id": "tg-long-for-many"}
