@@ -85,8 +85,8 @@ class _JobEvents:
     def headers(self) -> dict[str, str]:
         return {"last-event-id": str(self.last)}
 
-    def feed(self, decoder: SSEDecoder, chunk: bytes) -> list[JobEvent]:
-        events: list[JobEvent] = []
+    def feed(self, decoder: SSEDecoder, chunk: bytes) -> Iterator[JobEvent]:
+        """The chunk's events one by one: those before an `error` event reach the caller before it raises."""
         for event_id, payload in decoder.feed_with_ids(chunk):
             if self.finished:
                 raise StreamError("the server sent events after the final one")
@@ -97,8 +97,7 @@ class _JobEvents:
             if isinstance(event, ErrorEvent):
                 raise StreamError(event.error, event.code)
             self.finished = bool(payload.get("done"))
-            events.append(event)
-        return events
+            yield event
 
     def retry_in(self, cause: Exception) -> float:
         """How long to wait before the next try; raises once it has failed RESUME_TRIES times running."""
@@ -176,8 +175,9 @@ class _Events:
         self.decoder = SSEDecoder()
         self.finished = False
 
-    def feed(self, chunk: bytes) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
+    def feed(self, chunk: bytes) -> Iterator[StreamEvent]:
+        """The chunk's events one by one: those before an `error` event reach the caller before it raises
+        (under load several events come in one write)."""
         for payload in self.decoder.feed(chunk):
             if self.finished:
                 raise StreamError("the server sent events after the final one")
@@ -185,8 +185,7 @@ class _Events:
             if isinstance(event, ErrorEvent):
                 raise StreamError(event.error, event.code)
             self.finished = isinstance(event, ResultEvent)
-            events.append(event)
-        return events
+            yield event
 
     def close(self) -> None:
         if not self.finished:

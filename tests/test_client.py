@@ -1,7 +1,9 @@
 """`SheafClient` and `AsyncSheafClient` against a real server, and BentoML's generated clients."""
 
 import asyncio
+import http.server
 import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -247,3 +249,49 @@ async def acapture(awaitable: Awaitable[object]) -> BaseException:
 async def consume(events: AsyncIterator[object]) -> None:
     async for _ in events:
         pass
+
+
+class OneWrite(http.server.BaseHTTPRequestHandler):
+    """Answers every stream with two tokens and an error in one write, as a busy server's relay does
+    (the real server coalesces only under load, so this stands in for that moment)."""
+
+    BODY = (
+        b'data: {"type": "token", "text": "a", "index": 0, "done": false}\n\n'
+        b'data: {"type": "token", "text": "b", "index": 1, "done": false}\n\n'
+        b'data: {"type": "error", "done": true, "error": "InjectedFault: late", "code": "backend_error"}\n\n'
+    )
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(self.BODY)))
+        self.end_headers()
+        self.wfile.write(self.BODY)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_events_that_share_a_write_with_an_error_reach_the_caller_before_it_raises() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OneWrite)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        received: list[Any] = []
+        with SheafClient(url) as client, pytest.raises(StreamError, match="InjectedFault"):
+            for event in client.stream("textgen", request()):
+                received.append(event)
+        assert [event.text for event in received] == ["a", "b"]
+
+        async def read() -> list[Any]:
+            got: list[Any] = []
+            async with AsyncSheafClient(url) as client:
+                with pytest.raises(StreamError, match="InjectedFault"):
+                    async for event in client.stream("textgen", request()):
+                        got.append(event)
+            return got
+
+        assert [event.text for event in asyncio.run(read())] == ["a", "b"]
+    finally:
+        server.shutdown()
