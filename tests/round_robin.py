@@ -47,6 +47,12 @@ class RoundRobin:
         self._started.set()
         self._loop.run_forever()
         server.close()
+        # Relays still open end here, not when the closed loop's leftovers are collected.
+        relays = asyncio.all_tasks(self._loop)
+        for relay in relays:
+            relay.cancel()
+        self._loop.run_until_complete(asyncio.gather(*relays, return_exceptions=True))
+        self._loop.close()
 
     async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         # A replica that refuses (down, restarting) is skipped, as readiness would: each is tried once,

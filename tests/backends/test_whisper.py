@@ -580,13 +580,13 @@ def test_batched_streams_share_pipeline_calls_and_send_their_predicts_segments(
     batch = [request(long_clip), request("not base64 at all"), request(sentences[0][1])]
     predicted = batched.predict_batch(batch)
     calls: list[list[int]] = []
-    decode = batched._decode_pieces
+    decode = batched.transcriber.decode_pieces
 
     def counted(language: str, req: TranscriptionRequest, pieces: Any) -> Any:
         calls.append([piece.clip for piece in pieces])
         return decode(language, req, pieces)
 
-    monkeypatch.setattr(batched, "_decode_pieces", counted)
+    monkeypatch.setattr(batched.transcriber, "decode_pieces", counted)
     got: dict[int, list[Any]] = {0: [], 1: [], 2: []}
     batched.stream_batch(batch, [threading.Event() for _ in batch], lambda index, event: got[index].append(event))
     assert len(got[1]) == 1 and isinstance(got[1][0], InvalidRequest)  # refused alone
@@ -604,13 +604,13 @@ def test_a_batched_stream_that_left_has_no_pieces_decoded(
 ) -> None:
     batch = [request(long_clip), request(sentences[1][1])]
     decoded: list[int] = []
-    decode = batched._decode_pieces
+    decode = batched.transcriber.decode_pieces
 
     def counted(language: str, req: TranscriptionRequest, pieces: Any) -> Any:
         decoded.extend(piece.clip for piece in pieces)
         return decode(language, req, pieces)
 
-    monkeypatch.setattr(batched, "_decode_pieces", counted)
+    monkeypatch.setattr(batched.transcriber, "decode_pieces", counted)
     cancels = [threading.Event(), threading.Event()]
     cancels[0].set()  # its client left before its pieces came up
     got: list[tuple[int, Any]] = []
@@ -711,7 +711,7 @@ def test_cancel_stops_a_batched_predict_at_the_next_pipeline_call(
 ) -> None:
     clip = repeated(long_clip, 4)  # 6 pieces of up to 30 s: two pipeline calls of up to 4 pieces on the CPU
     batch = [request(clip, beam_size=1), request(sentences[0][1], beam_size=1)]
-    calls, waited = cancel_after_first(monkeypatch, batched, batched, "_decode_pieces", batch)
+    calls, waited = cancel_after_first(monkeypatch, batched, batched.transcriber, "decode_pieces", batch)
     assert calls == [1]
     assert waited < 2.0
     text, wav = sentences[1]
