@@ -14,7 +14,6 @@ GET and DELETE live in the small mounted app beside the probes (BentoML APIs are
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from sheaf.api.base import BaseRequest
 from sheaf.config import DeploymentConfig, Jobs, config_dir, load_server_config
 from sheaf.job_store import JobStore, RedisJobStore, SQLiteJobStore
 from sheaf.jobs import JobBoard, JobQueueFull, JobRefused
-from sheaf.streaming import HEARTBEAT
+from sheaf.streaming import HEARTBEAT, encode_event
 from sheaf.weights import cache_dir
 
 JOBS_FILE = "jobs.sqlite3"
@@ -136,4 +135,4 @@ async def _frames(board: JobBoard, name: str, job_id: str, after: int, heartbeat
             continue
         event_id, event = item
         quiet_since = time.monotonic()
-        yield f"id: {event_id}\ndata: {json.dumps(event)}\n\n"
+        yield encode_event(event, event_id)

@@ -33,8 +33,14 @@ def event_payload(event: BaseModel | dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def encode_event(event: BaseModel | dict[str, Any]) -> str:
-    return f"data: {json.dumps(event_payload(event))}\n\n"
+def encode_frame(data: str, event_id: int | None = None) -> str:
+    """One frame of a one-line `data`, led by its `id:` when it has one (a job's replayable log)."""
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}data: {data}\n\n"
+
+
+def encode_event(event: BaseModel | dict[str, Any], event_id: int | None = None) -> str:
+    return encode_frame(json.dumps(event_payload(event)), event_id)
 
 
 def error_event(exc: BaseException, code: str = "backend_error") -> ErrorEvent:

@@ -62,6 +62,15 @@ def test_decoder_reassembles_events_split_at_every_byte() -> None:
         assert not decoder.pending
 
 
+def test_an_events_id_goes_before_its_data_and_comes_back_with_it() -> None:
+    wire = encode_event({"type": "progress", "step": 1}, event_id=7) + encode_event({"type": "result", "done": True})
+    assert wire.startswith('id: 7\ndata: {"type": "progress"')
+    assert SSEDecoder().feed_with_ids(wire) == [
+        ("7", {"type": "progress", "step": 1}),
+        (None, {"type": "result", "done": True}),
+    ]
+
+
 def test_decoder_accepts_crlf_comments_and_multiline_data() -> None:
     decoder = SSEDecoder()
     wire = b': heartbeat\r\n\r\ndata: {"type": "token",\r\ndata: "text": "x", "index": 0}\r\n\r\n'

@@ -27,9 +27,9 @@ from sheaf.gateway import Lane, Refused
 from sheaf.openai_api import audio, chat
 from sheaf.openai_api.errors import OpenAIError, bad_parameter, from_sheaf
 from sheaf.openai_api.images import ImageRequest, images_response
-from sheaf.streaming import SSEDecoder
+from sheaf.streaming import SSEDecoder, encode_event, encode_frame
 
-DONE = "data: [DONE]\n\n"
+DONE = encode_frame("[DONE]")
 
 Translate = Callable[[dict[str, Any]], list[dict[str, Any]]]
 """sheaf's stream event as the OpenAI payloads to send for it."""
@@ -202,7 +202,7 @@ async def _events(
 ) -> AsyncGenerator[str, None]:
     async with aclosing(chunks):
         for payload in first:
-            yield _frame(payload)
+            yield encode_event(payload)
         decoder = SSEDecoder()
         chunk: str | Refused = head
         while True:
@@ -213,10 +213,10 @@ async def _events(
                 for event in events:
                     if event["type"] == "error":
                         error = {"message": event["error"], "type": "server_error", "param": None}
-                        yield _frame({"error": {**error, "code": event.get("code")}})
+                        yield encode_event({"error": {**error, "code": event.get("code")}})
                         return
                     for payload in translate(event):
-                        yield _frame(payload)
+                        yield encode_event(payload)
                     if event.get("done"):
                         yield done
                         return
@@ -224,10 +224,6 @@ async def _events(
                 chunk = await anext(chunks)
             except StopAsyncIteration:
                 return
-
-
-def _frame(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 async def _invalid_url(request: Request) -> Response:
