@@ -4,8 +4,8 @@
 
 - `predict(requests)`: a batch, one outcome per request, `{"status": int, "body": dict}`, so
   one request's error never fails its batch-mates. Feast lookups of `feature_ref` for the
-  whole batch go to the store in one call, then the predict cache answers what it can,
-  then the backend answers the rest in one model call.
+  whole batch go to the store in one call, then the predict cache answers what it can
+  (both `sheaf.lookups`), then the backend answers the rest in one model call.
 - `stream(request)`: SSE frames as the backend makes events. Feast runs first here too. The
   stream then takes a seat (`sheaf.seats.StreamSeat`) in the same batcher as the predicts, and its batch
   runs the backend's `stream_batch`, which hands each event to its seat as it is made (a
@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sheaf import metrics
 from sheaf.api.base import BaseRequest
@@ -48,15 +48,11 @@ from sheaf.backends.base import (
     limit_torch_threads,
 )
 from sheaf.batching import Batcher, QueueFull
-from sheaf.cache import cache_from_config, cache_key
 from sheaf.config import DeploymentConfig
-from sheaf.exceptions import InvalidRequest
+from sheaf.lookups import Lookups, with_metadata
 from sheaf.outcomes import Outcome, error_outcome, failure, success
 from sheaf.seats import EventBatch, RunningCall, StreamSeat
 from sheaf.streaming import ACCEPTED, HEARTBEAT, Idle, encode_event, error_event, iterate_in_thread
-
-if TYPE_CHECKING:
-    from sheaf.features import FeatureStoreResolver
 
 logger = logging.getLogger("sheaf.deployment")
 
@@ -71,8 +67,7 @@ class Deployment:
     def __init__(self, config: DeploymentConfig, backend: str) -> None:
         self.config = config
         self.backend: Backend[Any, Any] = import_string(config.backend or backend)(config)
-        self.features: FeatureStoreResolver | None = None
-        self.cache = cache_from_config(config.cache, config.name)
+        self.lookups = Lookups(config)
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self.running: RunningCall | None = None  # a joinable call in the model, while one runs
@@ -116,10 +111,7 @@ class Deployment:
     def _load(self) -> None:
         started = time.perf_counter()
         try:
-            if self.config.feature_store is not None:
-                from sheaf.features import FeatureStoreResolver  # imports feast: seconds
-
-                self.features = FeatureStoreResolver(self.config.feature_store.repo)
+            self.lookups.load()
             limit_torch_threads(self.config.model_threads())
             self.backend.load()
         except Exception as exc:
@@ -173,9 +165,9 @@ class Deployment:
     async def _predict_in_running_call(self, request: BaseRequest[Any]) -> Outcome | None:
         """The predict's outcome from the call running now, or None when it could not join it."""
         batch: list[BaseRequest[Any]] = [request]
-        outcomes, metadata, keys = await self._before_model(batch)
+        outcomes, metadata, keys = await self.lookups.before_model(batch)
         if outcomes[0] is not None:
-            return _with_metadata(outcomes[0], metadata[0])
+            return with_metadata(outcomes[0], metadata[0])
         seat = StreamSeat(batch[0], streaming=False)
         if self.running is None or not self.running.join(seat):
             return None
@@ -197,9 +189,9 @@ class Deployment:
             seat.cancel.set()
             if seat.queued is not None:
                 seat.queued.cancel()
-        await self._remember(keys.get(0), outcome)
+        await self.lookups.remember(keys.get(0), outcome)
         self._log_predict(request, outcome, seat.batch_size)
-        return _with_metadata(outcome, metadata[0])
+        return with_metadata(outcome, metadata[0])
 
     async def predict(
         self, requests: Sequence[BaseRequest[Any]], cancel: threading.Event | None = None
@@ -226,7 +218,7 @@ class Deployment:
         for seat in streams:
             seat.batch_size = len(items)
         batch = [item for item in items if not isinstance(item, StreamSeat)]
-        outcomes, metadata, keys = await self._before_model(batch)
+        outcomes, metadata, keys = await self.lookups.before_model(batch)
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if pending or streams:
             model_requests = [batch[i] for i in pending] + [seat.request for seat in streams]
@@ -237,12 +229,12 @@ class Deployment:
                 answers = await self._run_backend(model_requests, cancel)
             for i, outcome in zip(pending, answers, strict=False):  # the streams' answers went to their seats
                 outcomes[i] = outcome
-                await self._remember(keys.get(i), outcome)
+                await self.lookups.remember(keys.get(i), outcome)
         if running is not None:
             joined = list(running.arrivals.taken.values())
             route = "stream" if streams or any(arrival.streaming for arrival in joined) else "predict"
             metrics.BATCH_SIZE.labels(self.config.name, route).observe(len(items) + len(joined))
-        answered = iter([_with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o])
+        answered = iter([with_metadata(o, extra) for o, extra in zip(outcomes, metadata, strict=True) if o])
         results: list[Outcome] = []
         for item in items:
             if isinstance(item, StreamSeat):
@@ -252,21 +244,6 @@ class Deployment:
             results.append(outcome)
             self._log_predict(item, outcome, len(items))
         return results
-
-    async def _before_model(
-        self, batch: list[BaseRequest[Any]]
-    ) -> tuple[list[Outcome | None], list[dict[str, Any]], dict[int, str]]:
-        """Each predict's outcome where it has one before the model runs (a refused `feature_ref`, a
-        cache hit), its metadata, and the cache keys to store the others' answers under. A resolved
-        `feature_ref` replaces its request in `batch`."""
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        metadata: list[dict[str, Any]] = [{} for _ in batch]
-        await self._resolve_features(batch, outcomes, metadata)
-        return outcomes, metadata, await self._answer_from_cache(batch, outcomes, metadata)
-
-    async def _remember(self, key: str | None, outcome: Outcome) -> None:
-        if self.cache is not None and key is not None and outcome["status"] == 200:
-            await self.cache.store(key, outcome["body"])
 
     def _log_predict(self, request: BaseRequest[Any], outcome: Outcome, batch_size: int) -> None:
         logger.info(
@@ -362,44 +339,6 @@ class Deployment:
             return [failure(mismatch)] * len(requests)
         return [failure(r) if isinstance(r, BaseException) else success(r.model_dump(mode="json")) for r in results]
 
-    async def _answer_from_cache(
-        self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
-    ) -> dict[int, str]:
-        """Fill cache hits in (one lookup for the batch); the keys of the rest, to store their answers under."""
-        if self.cache is None:
-            return {}
-        keys = {i: cache_key(request.model_dump(mode="json")) for i, request in enumerate(batch) if outcomes[i] is None}
-        hits = await self.cache.get_many(list(keys.values()))
-        for i, hit in zip(list(keys), hits, strict=True):
-            metadata[i]["cache_hit"] = hit is not None
-            if hit is not None:
-                outcomes[i] = success({**hit, "request_id": batch[i].request_id})
-                del keys[i]
-        return keys
-
-    async def _resolve_features(
-        self, batch: list[BaseRequest[Any]], outcomes: list[Outcome | None], metadata: list[dict[str, Any]]
-    ) -> None:
-        """Replace each `feature_ref` with the history it names, in one store call for the batch."""
-        wanted = [request.features_wanted() for request in batch]
-        wanting = [i for i, ref in enumerate(wanted) if ref is not None]
-        if not wanting:
-            return
-        if self.features is None:
-            refused = InvalidRequest("feature_ref", "this deployment has no feature store configured")
-            for i in wanting:
-                outcomes[i] = failure(refused)
-            return
-        refs = [ref for ref in wanted if ref is not None]
-        with metrics.FEATURE_LOOKUP.labels(self.config.name).time():
-            resolved = await asyncio.to_thread(self.features.resolve, refs)
-        for i, result in zip(wanting, resolved, strict=True):
-            if isinstance(result, Exception):
-                outcomes[i] = failure(result)
-            else:
-                batch[i] = batch[i].with_features(result.values)
-                metadata[i].update(result.metadata())
-
     async def stream(self, request: BaseRequest[Any]) -> AsyncGenerator[str, None]:
         if unavailable := self._unavailable():
             yield encode_event({"type": "error", "done": True, "error": "unavailable", **unavailable})
@@ -407,7 +346,7 @@ class Deployment:
         batch: list[BaseRequest[Any]] = [request]
         refused: list[Outcome | None] = [None]
         metadata: list[dict[str, Any]] = [{}]
-        await self._resolve_features(batch, refused, metadata)  # streams never use the cache
+        await self.lookups.resolve_features(batch, refused, metadata)  # streams never use the cache
         if refused[0] is not None:
             yield encode_event({"type": "error", "done": True, "error": "refused", **refused[0]})
             return
@@ -524,10 +463,3 @@ class Deployment:
                 seat.events.fail(exc)  # QueueFull: no batch took it in time
 
         queued.add_done_callback(refused)
-
-
-def _with_metadata(outcome: Outcome, extra: dict[str, Any]) -> Outcome:
-    if not extra or outcome["status"] != 200:
-        return outcome
-    body = outcome["body"]
-    return {**outcome, "body": {**body, "metadata": {**body.get("metadata", {}), **extra}}}

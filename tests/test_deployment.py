@@ -51,7 +51,7 @@ def test_a_batch_looks_its_features_up_in_one_call(model: Path, feature_repo: Pa
     )
     deployment = loaded(config)
     calls: list[int] = []
-    resolver = deployment.features
+    resolver = deployment.lookups.features
     assert isinstance(resolver, FeatureStoreResolver)
     resolve = resolver.resolve
 
