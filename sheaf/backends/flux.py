@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import secrets
 import threading
 import time
@@ -56,6 +55,7 @@ from sheaf.backends.base import (
 from sheaf.backends.batch_invariance import per_sample_linears
 from sheaf.backends.images import crop_center, png_b64
 from sheaf.backends.mixed_lora import MixedAdapters, MixedAdaptersUnsupported
+from sheaf.backends.prompt_limit import PromptLimit
 from sheaf.config import DeploymentConfig, ModelSource
 from sheaf.exceptions import InvalidRequest
 from sheaf.lora import AdapterLock, LockWaitCancelled, Selection
@@ -72,13 +72,6 @@ _SEED_BITS = 63
 QUICK_CHECK_CHARS = 1000
 """Prompts up to this long (negative prompt included) are checked on the event loop: the T5 and CLIP
 tokenizers take about 0.6 µs a character."""
-# Unicode's White_Space, which the text encoders' tokenizers split words on and drop (Python's `str.isspace`
-# also takes the separators U+001C..U+001F, which they keep as characters).
-_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
-)
-_WITHOUT_WHITESPACE = str.maketrans("", "", _WHITESPACE)
-_WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
 
 
 @dataclass(frozen=True)
@@ -129,7 +122,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         self._pipe: Any = None  # a diffusers FluxPipeline
         self._adapters: AdapterLock | None = None
         self._mixed: MixedAdapters | None = None  # per-sample LoRA, when on and the adapters allow it
-        self._max_prompt_chars = 0  # set by load(), from the T5 tokenizer
+        self._prompts: PromptLimit | None = None  # set by load(), from the T5 tokenizer
 
     @property
     def pipe(self) -> Any:
@@ -153,10 +146,7 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
         if self._options.batch_invariant:
             # After the adapters: their LoRA layers hold linear layers too, and must be covered.
             per_sample_linears(pipe.transformer)
-        # No token of T5's vocabulary spans more characters than its longest piece (whose `▁` stands for the
-        # space before a word), so a text longer than the limit's worth of them cannot fit: it is refused
-        # before anything tokenises it, which takes seconds for a few megabytes.
-        self._max_prompt_chars = self._options.max_sequence_length * max(map(len, pipe.tokenizer_2.get_vocab()))
+        self._prompts = PromptLimit(pipe.tokenizer_2, self._options.max_sequence_length)
         self._pipe = pipe
         self._adapters = AdapterLock(self._apply_selection, deployment=self.config.name)
         if self._options.mixed_adapter_batches and self._options.adapters:
@@ -331,32 +321,11 @@ class FluxBackend(BatchBackend[DiffusionRequest, DiffusionResponse, _Job]):
                 f"{request.width}x{request.height} is {pixels} pixels; this deployment's limit is "
                 f"{self._options.max_pixels}",
             )
-        prompt = self._prompt_text("prompt", request.prompt)
-        negative_prompt = self._prompt_text("negative_prompt", request.negative_prompt).strip()
+        prompts = loaded(self._prompts, "the tokenizer")
+        prompt = prompts.text("prompt", request.prompt)
+        negative_prompt = prompts.text("negative_prompt", request.negative_prompt).strip()
         seed = request.seed if request.seed is not None else secrets.randbits(_SEED_BITS)
         return _Job(request, self.selection(request), seed, prompt, negative_prompt)
-
-    def _prompt_text(self, field: str, text: str) -> str:
-        """`text` as the encoders get it; InvalidRequest naming `field` when T5 cannot read all of it.
-
-        A text too long to fit is refused by its length, without tokenising it. Runs of whitespace do not
-        count (the tokenizers drop them), and a long text has them collapsed to one space before anything
-        tokenises it, which gives the same tokens. (The bound still counts characters that a tokenizer drops
-        or folds into one unknown token, which the model cannot read anyway.)
-        """
-        limit, bound = self._options.max_sequence_length, self._max_prompt_chars
-        if len(text) > bound:
-            visible = len(text.translate(_WITHOUT_WHITESPACE))  # a C loop: milliseconds for megabytes
-            if visible > bound:
-                raise _too_long(field, f"{visible} characters besides whitespace", limit, bound)
-            text = _WHITESPACE_RUN.sub(" ", text)
-            if len(text) > bound:
-                raise _too_long(field, f"{len(text)} characters with each run of whitespace as one", limit, bound)
-        # T5 would silently drop what is past the limit: say so instead of drawing half a prompt.
-        tokens = len(self.pipe.tokenizer_2(text, truncation=False)["input_ids"])
-        if tokens > limit:
-            raise InvalidRequest(field, f"is {tokens} tokens; this deployment reads at most {limit}")
-        return text
 
     # -- the pipeline (only ever called under the adapter lock) --------------------------------
 
@@ -501,9 +470,3 @@ def _location(source: ModelSource) -> str:
     if location is None:
         raise ValueError("a FLUX model or adapter source must give `path`, `hub` or `build`")
     return location
-
-
-def _too_long(field: str, length: str, limit: int, bound: int) -> InvalidRequest:
-    return InvalidRequest(
-        field, f"is {length}; this deployment reads at most {limit} tokens, which never hold more than {bound}"
-    )
