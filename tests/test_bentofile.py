@@ -76,6 +76,12 @@ def test_the_gpu_bentofile_builds_a_cuda_image(tmp_path: Path) -> None:
     assert "--no-deps" in (gpu.path / "env/docker/setup_script").read_text()
     assert not (gpu.path / "src" / "tiny").exists()  # test models stay out of the production image
     assert not list((gpu.path / "src" / "sheaf").glob("tiny*"))
+    # The production set, and it alone: the default configs build their models from `tiny`.
+    assert (gpu.path / "src/configs/production/flux.yaml").is_file()
+    assert (gpu.path / "src/configs/production/feast/feature_store.yaml").is_file()
+    assert not (gpu.path / "src/configs/flux.yaml").exists()
+    envs = yaml.safe_load((gpu.path / "bento.yaml").read_text())["envs"]
+    assert {env["name"]: env["value"] for env in envs}["SHEAF_CONFIG_SET"] == "production"
 
 
 # What python:3.x-slim (Debian) has without installing anything: glibc, libgcc, libstdc++ and zlib.
