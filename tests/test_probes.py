@@ -1,5 +1,6 @@
 """Probes that orchestrators can trust: readiness waits for every model, and says so once in the log."""
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +44,4 @@ def test_readyz_waits_for_every_deployment_and_the_log_says_when_all_are_in(load
         time.sleep(0.1)
     (line,) = [line for line in server.log_text().splitlines() if "every deployment is ready" in line]
     assert f"{server.url}/textgen/predict" in line and f"{server.url}/forecast/predict" in line
+    assert re.search(rf"playground at {re.escape(server.url)}/ui\b", line), line

@@ -10,13 +10,13 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Response, sync_playwright
 
 from tests.conftest import DEPLOYMENTS, ROOT, Server, speak
 
@@ -60,6 +60,11 @@ def panel(page: Page, name: str) -> Locator:
 
 def field(page: Page, name: str, field_name: str) -> Locator:
     return panel(page, name).locator(f'.field[data-field="{field_name}"]').locator("input, select, textarea").first
+
+
+def limits(page: Page, name: str, field_name: str) -> str:
+    """The limits written by a field, from its schema."""
+    return panel(page, name).locator(f'.field[data-field="{field_name}"] > .limits').inner_text()
 
 
 def wait_for_state(page: Page, name: str, *states: str, timeout_s: float = RUN_S) -> str:
@@ -295,3 +300,84 @@ def test_a_flux_job_goes_on_showing_after_a_reload(page: Page, together_server: 
     assert_live_before_result(updates(page, "flux"), "progress", count=6)
     assert image_size(flux.locator(".result-image")) == (32, 32)
     shoot(page, "flux", "flux-job")
+
+
+def test_the_forms_show_each_schemas_defaults_and_limits(page: Page) -> None:
+    # From the request schemas (sheaf/api): default, bounds and step on the input, the limits written by it.
+    steps = field(page, "flux", "num_inference_steps")
+    assert steps.input_value() == "4"
+    assert (steps.get_attribute("min"), steps.get_attribute("max")) == ("1", "200")
+    assert limits(page, "flux", "num_inference_steps") == "≥ 1, ≤ 200"
+    width = field(page, "flux", "width")
+    assert (width.input_value(), width.get_attribute("step")) == ("512", "8")
+    assert limits(page, "flux", "width") == "≥ 8, ≤ 4096; multiple of 8"
+    assert field(page, "flux", "seed").input_value() == ""  # null: the server picks one
+    assert "optional" in limits(page, "flux", "seed")
+    assert field(page, "textgen", "max_new_tokens").input_value() == "64"
+    assert limits(page, "textgen", "max_new_tokens") == "≥ 1, ≤ 32768"
+    assert limits(page, "textgen", "top_p") == "> 0, ≤ 1"  # exclusive: 0 is refused
+    assert field(page, "forecast", "horizon").input_value() == "24"
+    assert limits(page, "forecast", "horizon") == "> 0, ≤ 10000"
+    assert field(page, "forecast", "output_mode").input_value() == "mean"
+    # A default from a factory is not in the JSON schema: the field says that empty is the default.
+    quantile_levels = field(page, "forecast", "quantile_levels")
+    assert quantile_levels.input_value() == "" and "empty: default" in (
+        quantile_levels.get_attribute("placeholder") or ""
+    )
+    # The deployment's own limits (its config), in the panel's header.
+    header = panel(page, "textgen").locator(".deployment-limits").inner_text()
+    assert "max_streams: 8" in header and "max_new_tokens_limit: 30000" in header
+    # The adapters offered are the deployment's configured ones.
+    adapters = panel(page, "flux").locator(".adapter")
+    assert [adapters.nth(i).get_attribute("value") for i in range(adapters.count())] == ["a", "b"]
+
+
+def test_predict_shows_each_result_and_the_chosen_adapter_reaches_the_server(page: Page) -> None:
+    flux, textgen, forecast = panel(page, "flux"), panel(page, "textgen"), panel(page, "forecast")
+    field(page, "flux", "height").fill("32")
+    field(page, "flux", "width").fill("48")
+    field(page, "flux", "num_inference_steps").fill("2")
+    field(page, "flux", "seed").fill("11")
+    flux.locator(".adapters-default").uncheck()
+    flux.locator('.adapter[value="b"]').check()
+    flux.locator('.adapter-choice:has(.adapter[value="b"]) .adapter-weight').fill("0.5")
+    textgen.locator("textarea.message").fill("Tell me about the sea.")
+    field(page, "textgen", "max_new_tokens").fill("8")
+    field(page, "forecast", "horizon").fill("6")
+    field(page, "forecast", "output_mode").select_option("quantiles")
+
+    def predicted(name: str) -> Callable[[Response], bool]:
+        return lambda response: response.url.endswith(f"/{name}/predict")
+
+    # The three at once, each by its Predict button: one page, one wait.
+    with (
+        page.expect_response(predicted("flux")) as flux_answer,
+        page.expect_response(predicted("textgen")) as textgen_answer,
+        page.expect_response(predicted("forecast")) as forecast_answer,
+    ):
+        for each in (flux, textgen, forecast):
+            each.locator("button.predict").click()
+    for name, each in (("flux", flux), ("textgen", textgen), ("forecast", forecast)):
+        assert wait_for_state(page, name, "done", "error") == "done", each.locator(".panel-error").inner_text()
+        assert updates(page, name) == ["result"]  # one answer, nothing live before it
+
+    image = flux_answer.value
+    assert image.status == 200
+    sent = image.request.post_data_json
+    assert sent is not None and (sent["adapters"], sent["adapter_weights"]) == (["b"], [0.5])
+    assert image.json()["metadata"]["adapters"] == {"b": 0.5}  # what the server ran with
+    assert image_size(flux.locator(".result-image")) == (48, 32)
+    assert flux.locator(".seed").inner_text() == "seed 11 \u00b7 48\u00d732"
+
+    reply = textgen_answer.value.json()
+    assert reply["text"] and textgen.locator(".turn.assistant .text").text_content() == reply["text"]
+    note = textgen.locator(".turn.assistant .note").inner_text()
+    assert note.strip() == f"({reply['finish_reason']}, {reply['completion_tokens']} tokens)"
+
+    assert forecast_answer.value.status == 200
+    plot = forecast.locator("svg.plot")
+    assert plot.locator("circle.mean-point").count() == 6
+    assert points(plot.locator("polyline.mean")) == 6
+    assert points(plot.locator("polyline.history")) == 24  # at least 24 of the 48 typed values
+    assert plot.locator("polygon.band").count() == 1
+    assert forecast.locator(".caption").inner_text().startswith("6 steps of 1h; history 48 values")
