@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sheaf.api.jobs import JobStatus
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 T = TypeVar("T")
 
 FINISHED = ("succeeded", "failed", "cancelled")
+_UNSET = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+"""A variable `os.path.expandvars` left in a URL: the environment does not set it."""
 
 
 @dataclass
@@ -166,9 +172,20 @@ class RedisJobStore:
     UNFINISHED = "sheaf:jobs:unfinished"
 
     def __init__(self, url: str) -> None:
-        from redis.asyncio import Redis
+        self.url = url
+        self._opened: Redis | None = None
 
-        self._redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    @property
+    def _redis(self) -> Redis:
+        """The client, made at first use: every pod imports the entry service's module, and only
+        the entry service's own pod is given the variable its URL names."""
+        if self._opened is None:
+            from redis.asyncio import Redis
+
+            if unset := _UNSET.findall(self.url):
+                raise ValueError(f"jobs.url {self.url!r}: the environment does not set {', '.join(unset)}")
+            self._opened = Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+        return self._opened
 
     @staticmethod
     def _key(job_id: str) -> str:
@@ -219,7 +236,9 @@ class RedisJobStore:
         return None  # Redis expires finished jobs itself
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._opened is not None:
+            await self._opened.aclose()
+            self._opened = None
 
 
 async def _answer(call: Awaitable[T] | T) -> T:

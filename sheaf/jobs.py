@@ -166,7 +166,7 @@ class JobBoard:
             last = [event for _, event in await self.store.events_after(job_id, max(0, job.last_event - 50))]
             if job.status == "running":
                 answer.progress = next((e for e in reversed(last) if e["type"] in PROGRESS), None)
-            elif job.status == "succeeded":
+            elif job.status == "succeeded" and last:  # none: Redis evicted its log (volatile-lru)
                 answer.result = {k: v for k, v in last[-1].items() if k not in ("type", "done")}
             elif job.status == "failed" and last and last[-1]["type"] == "error":
                 answer.error = last[-1]
@@ -185,8 +185,12 @@ class JobBoard:
             if found:
                 continue
             job = await self._job(name, job_id)
-            if job is None or (job.finished and job.last_event <= after):
+            if job is None:
                 return
+            if job.finished:  # its last events, written since the look above; none: read, or evicted
+                if job.last_event <= after or not await self.store.events_after(job_id, after):
+                    return
+                continue
             changed = self._changed.get(job_id)
             if changed is None:  # held by another replica: look again in a while
                 await asyncio.sleep(POLL_S)

@@ -2,8 +2,9 @@
 
 Every pod runs the same bento image (the GPU bento for the production set) and serves one
 BentoML service of it; the entry service reaches the others through their Services
-(`--depends NAME=http://NAME:3000`). A Redis pod holds the Feast online store and the
-shared predict cache.
+(`--depends NAME=http://NAME:3000`). A Redis pod holds the Feast online store, the
+shared predict cache and the jobs (`jobs: {store: redis}` in sheaf.yaml), each in a database
+of its own.
 
     python -m sheaf.kubernetes configs/production --image REGISTRY/sheaf-bento-gpu:TAG -o deploy/kubernetes/sheaf.yaml
 
@@ -53,6 +54,13 @@ FEAST_REDIS_ADDRESS = f"{REDIS_SERVICE}:{REDIS_PORT}"
 """Feast's `connection_string` form: host:port[,option=value...]."""
 CACHE_REDIS_URL = f"redis://{REDIS_SERVICE}:{REDIS_PORT}/1"
 """The predict cache in database 1, apart from Feast's keys in database 0."""
+JOBS_REDIS_URL = f"redis://{REDIS_SERVICE}:{REDIS_PORT}/2"
+"""The jobs and their event logs in database 2."""
+REDIS_MEMORY = "1Gi"
+REDIS_MAXMEMORY = "800mb"
+"""Below the pod's limit, so that Redis evicts instead of being killed (and losing every key):
+it evicts only keys with a time to live (`volatile-lru`), i.e. cached answers and finished
+jobs, never Feast's features or a job still queued or running."""
 API_KEY_SECRET = "sheaf-api-key"
 API_KEY_SECRET_KEY = "api-key"
 HF_TOKEN_SECRET = "sheaf-hf-token"
@@ -91,7 +99,7 @@ def manifests(config_dir: Path, image: str) -> list[dict[str, Any]]:
         ]
     depends = [arg for config in configs for arg in ("--depends", f"{config.name}=http://{config.name}:{PORT}")]
     entry = _bento_container(ENTRY_SERVICE, image, ["--service-name", ENTRY_SERVICE, *depends])
-    entry["env"] = common_env
+    entry["env"] = common_env + _server_env(server)
     entry["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}  # routes and relays; the models are elsewhere
     docs += [_deployment(ENTRY_SERVICE, "entry", entry, grace_s=_entry_grace_s(server)), _service(ENTRY_SERVICE)]
     docs += [_deployment(REDIS_SERVICE, "store", _redis_container()), _service(REDIS_SERVICE, REDIS_PORT)]
@@ -132,12 +140,25 @@ def _deployment_env(config: DeploymentConfig) -> list[dict[str, Any]]:
         if whole := _VARIABLE.fullmatch(config.cache.url):
             known[whole.group(1)] = CACHE_REDIS_URL
         read += _VARIABLE.findall(config.cache.url)
-    for name in dict.fromkeys(read):
-        if name in known:
-            env.append({"name": name, "value": known[name]})
-        else:
-            env.append({"name": name, "valueFrom": {"configMapKeyRef": {"name": SETTINGS_CONFIGMAP, "key": name}}})
+    env += [_variable(name, known) for name in dict.fromkeys(read)]
     return env
+
+
+def _server_env(server: ServerConfig) -> list[dict[str, Any]]:
+    """The variables the entry service's `sheaf.yaml` reads: the jobs store's Redis is the cluster's."""
+    if server.jobs.store != "redis" or not server.jobs.url:
+        return []
+    known: dict[str, str] = {}
+    if whole := _VARIABLE.fullmatch(server.jobs.url):
+        known[whole.group(1)] = JOBS_REDIS_URL
+    return [_variable(name, known) for name in dict.fromkeys(_VARIABLE.findall(server.jobs.url))]
+
+
+def _variable(name: str, known: dict[str, str]) -> dict[str, Any]:
+    """A `${VAR}` a config reads: its value when the cluster knows it, else the settings ConfigMap's."""
+    if name in known:
+        return {"name": name, "value": known[name]}
+    return {"name": name, "valueFrom": {"configMapKeyRef": {"name": SETTINGS_CONFIGMAP, "key": name}}}
 
 
 def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
@@ -198,8 +219,9 @@ def _redis_container() -> dict[str, Any]:
     return {
         "name": REDIS_SERVICE,
         "image": REDIS_IMAGE,
+        "args": ["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "volatile-lru"],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
+        "resources": {"requests": {"cpu": "500m", "memory": REDIS_MEMORY}, "limits": {"memory": REDIS_MEMORY}},
         # Two dicts, not one: PyYAML writes an object met twice as an anchor and an alias.
         "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": PROBE_PERIOD_S},
         "livenessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": PROBE_PERIOD_S},

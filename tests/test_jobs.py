@@ -4,6 +4,7 @@ refuses past its size, and records that outlive a restart (SQLite and Redis)."""
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import re
@@ -20,8 +21,10 @@ from PIL import Image
 
 from sheaf import AsyncSheafClient, DiffusionRequest, SheafClient, TextGenerationRequest
 from sheaf.api.events import CancelledEvent, ProgressEvent, QueuedEvent, ResultEvent, TokenEvent
+from sheaf.api.jobs import JobInfo
 from sheaf.cli import main as cli
-from sheaf.jobs import LEASE_S
+from sheaf.job_store import Job, RedisJobStore
+from sheaf.jobs import LEASE_S, JobBoard
 from sheaf.streaming import SSEDecoder
 from tests.conftest import (
     Server,
@@ -105,8 +108,13 @@ def pixels(image_b64: str) -> bytes:
 
 def test_a_flux_job_read_again_after_a_cut_gets_every_step_once_and_the_predicts_image(server: Server) -> None:
     job = submit(server, "flux", FOX)
-    first = read_events(server, "flux", job["job_id"], until=12)  # then the connection is closed
+    first = read_events(server, "flux", job["job_id"], until=8)  # then the connection is closed
+    # Mid-run: the reader comes back while the job still runs, so it gets the log, then live events.
+    # (The other 33 of its 40 steps take ~1 s or more; this GET and the reconnect, a few ms.)
+    meanwhile = status(server, "flux", job["job_id"])
     rest = read_events(server, "flux", job["job_id"], after=first[-1][0])
+    assert meanwhile["status"] == "running", meanwhile
+    assert first[-1][0] <= meanwhile["events"] < rest[-1][0]  # the events after it were written while it read
     ids = [event_id for event_id, _ in first + rest]
     assert ids == list(range(1, len(ids) + 1))  # no gap, nothing twice
     steps = [event["step"] for _, event in first + rest if event["type"] == "progress"]
@@ -125,6 +133,7 @@ def test_only_the_newest_preview_stays_in_a_jobs_log(server: Server) -> None:
     streamed = stream_events(server, "flux", body)
     assert [event["step"] for event in streamed if event.get("preview_b64")] == [2, 4, 6]
     job = submit(server, "flux", body)
+    wait_for(server, "flux", job["job_id"], {"succeeded"})  # a reader meanwhile gets each preview as it comes
     kept = [event for _, event in read_events(server, "flux", job["job_id"])]
     assert [event["step"] for event in kept if event["type"] == "progress"] == list(range(1, 7))
     assert [event["step"] for event in kept if event.get("preview_b64")] == [6]
@@ -209,6 +218,10 @@ def test_a_cancelled_queued_job_never_runs(server: Server) -> None:
 
 
 def test_a_burst_past_the_queue_gets_503_and_every_accepted_job_finishes_in_order(server: Server) -> None:
+    # Four long jobs take every place to run (max_batch_size), so the burst waits behind them.
+    blockers = [submit(server, "textgen", {**LONG, "request_id": f"burst-blocker-{i}"}) for i in range(4)]
+    for blocker in blockers:
+        wait_for(server, "textgen", blocker["job_id"], {"running"})
     bodies = [{**SHORT, "max_new_tokens": 24, "request_id": f"burst-{i}"} for i in range(50)]
     answers: list[httpx.Response] = [httpx.Response(0)] * len(bodies)
 
@@ -222,15 +235,94 @@ def test_a_burst_past_the_queue_gets_503_and_every_accepted_job_finishes_in_orde
         for thread in threads:
             thread.join()
     refused = [answer for answer in answers if answer.status_code == 503]
-    accepted = [answer.json() for answer in answers if answer.status_code == 202]
-    assert refused and accepted and len(refused) + len(accepted) == len(bodies), [a.status_code for a in answers]
+    accepted = sorted((a.json() for a in answers if a.status_code == 202), key=lambda job: job["position"])
+    assert len(accepted) == 8 and len(refused) == 42, [a.status_code for a in answers]  # limits.max_queued_jobs
     assert all(answer.headers["retry-after"] == "2" for answer in refused)
     assert "job queue is full" in refused[0].json()["detail"]
+    assert [job["position"] for job in accepted] == list(range(8))
+    for job in accepted:  # a GET of a waiting job says where it waits
+        info = status(server, "textgen", job["job_id"])
+        assert (info["status"], info["position"]) == ("queued", job["position"]), info
+
+    # One place frees: the first waiting job starts and every other one moves up, which a GET shows.
+    last = accepted[-1]["job_id"]
+    httpx.delete(f"{server.url}/textgen/jobs/{blockers[0]['job_id']}", timeout=30).raise_for_status()
+    deadline = time.monotonic() + 30
+    while (moved := status(server, "textgen", last))["position"] == 7:
+        assert time.monotonic() < deadline, moved
+        time.sleep(0.02)
+    assert moved["status"] == "queued" and moved["position"] < 7, moved  # six jobs run one at a time ahead of it
+    for blocker in blockers[1:]:
+        httpx.delete(f"{server.url}/textgen/jobs/{blocker['job_id']}", timeout=30).raise_for_status()
+
+    started: list[float] = []
     for job in accepted:
         events = [event for _, event in read_events(server, "textgen", job["job_id"])]
         assert events[-1]["type"] == "result", events[-1]
         positions = [event["position"] for event in events if event["type"] == "queued"]
-        assert positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions), positions
+        assert positions[0] == job["position"], positions
+        assert all(ahead < behind for behind, ahead in itertools.pairwise(positions)), positions  # only ever down
+        if job["job_id"] == last:
+            assert positions[:2] == [7, moved["position"]], positions  # it saw its place go down
+        started.append(wait_for(server, "textgen", job["job_id"], {"succeeded"})["started_at"])
+    # In their order: a job starts only once every job ahead of it has, and four places ahead
+    # of it, one has finished (a place to run frees only when a job ends).
+    assert all(started[i] < started[i + 4] for i in range(len(started) - 4)), started
+
+
+def test_both_clients_cancel_a_queued_and_a_running_job_and_read_where_each_is(server: Server) -> None:
+    def textgen(max_new_tokens: int, request_id: str) -> TextGenerationRequest:
+        return TextGenerationRequest(prompt="Once", max_new_tokens=max_new_tokens, request_id=request_id)
+
+    with SheafClient(server.url) as client:
+        running = [client.submit("textgen", textgen(30000, f"client-run-{i}")) for i in range(4)]
+        waiting = [client.submit("textgen", textgen(4, f"client-wait-{i}")) for i in range(2)]
+        assert [job.position for job in waiting] == [0, 1]  # behind the four running ones (max_batch_size)
+
+        async def cancel_the_first_waiting_one() -> tuple[JobInfo, JobInfo, JobInfo]:
+            async with AsyncSheafClient(server.url) as aclient:
+                seen = await aclient.job(waiting[0].job_id)
+                cancelled = await aclient.cancel(waiting[0].job_id)
+                return seen, cancelled, await aclient.job(waiting[0].job_id)
+
+        seen, cancelled, read_back = asyncio.run(cancel_the_first_waiting_one())
+        assert (seen.status, seen.position, seen.started_at) == ("queued", 0, None)
+        assert (cancelled.status, cancelled.position, cancelled.started_at) == ("cancelled", None, None)
+        assert cancelled.finished_at is not None and read_back == cancelled
+        assert client.job(waiting[0].job_id) == cancelled
+        behind = client.job(waiting[1].job_id)  # it moved up when the one ahead of it left
+        assert (behind.status, behind.position) == ("queued", 0)
+        cancelled = client.cancel(waiting[1].job_id)
+        assert (cancelled.status, cancelled.started_at) == ("cancelled", None)
+        assert [type(event) for event in client.events(waiting[1].job_id)] == [QueuedEvent, QueuedEvent, CancelledEvent]
+
+        async def cancel_the_first_running_one() -> tuple[JobInfo, JobInfo]:
+            async with AsyncSheafClient(server.url) as aclient:
+                deadline = time.monotonic() + 30
+                while ((now := await aclient.job(running[0].job_id)).progress or {}).get("type") != "token":
+                    assert time.monotonic() < deadline, now
+                    await asyncio.sleep(0.05)
+                return now, await aclient.cancel(running[0].job_id)
+
+        generating, stopped = asyncio.run(cancel_the_first_running_one())
+        assert generating.status == "running" and generating.started_at is not None
+        assert stopped.status == "cancelled" and stopped.started_at == generating.started_at
+        assert client.job(running[0].job_id).status == "cancelled"
+        assert isinstance(list(client.events(running[0].job_id))[-1], CancelledEvent)
+        for job in running[1:]:
+            assert client.job(job.job_id).status == "running"
+            assert client.cancel(job.job_id).status == "cancelled"
+
+    async def read_them_all() -> list[str]:
+        async with AsyncSheafClient(server.url) as aclient:
+            return [(await aclient.job(job.job_id)).status for job in [*running, *waiting]]
+
+    assert asyncio.run(read_them_all()) == ["cancelled"] * 6
+    deadline = time.monotonic() + 10
+    while len(re.findall(r"stream client-run-\d cancelled after \d+ tokens", server.log_text())) < 4:
+        assert time.monotonic() < deadline, "the deployment never stopped every cancelled job's stream"
+        time.sleep(0.1)
+    assert "client-wait-" not in server.log_text()  # the cancelled waiting jobs never ran
 
 
 def test_an_unknown_job_is_404_and_a_bad_body_422_before_anything_queues(server: Server) -> None:
@@ -311,6 +403,46 @@ def test_two_entry_services_sharing_redis_answer_for_each_others_jobs_and_cancel
     finally:
         for process, _ in started:
             stop_server(process)
+
+
+def test_a_redis_store_whose_url_names_an_unset_variable_says_so_at_first_use_not_at_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every pod imports the entry service's module; only the entry pod is given the jobs store's URL."""
+    monkeypatch.delenv("SHEAF_JOBS_REDIS", raising=False)
+    store = RedisJobStore(os.path.expandvars("${SHEAF_JOBS_REDIS}"))  # made at import: nothing checked yet
+    with pytest.raises(ValueError, match=r"jobs.url '\$\{SHEAF_JOBS_REDIS\}': the environment does not set"):
+        asyncio.run(store.unfinished())  # the entry service's first call, at its start
+    asyncio.run(store.close())
+
+
+def test_redis_may_evict_a_finished_job_but_not_a_waiting_one_and_a_lost_log_still_reads(
+    redis_server: RedisServer,
+) -> None:
+    """Production's Redis evicts keys with a time to live (volatile-lru) before it runs out of memory."""
+
+    async def run() -> None:
+        store = RedisJobStore(f"redis://{redis_server.address}/6")
+        board = JobBoard(store, ttl_s=600)
+        waiting = Job(job_id="textgen-waiting", deployment="textgen", request={}, position=0, last_event=1)
+        done = Job(job_id="textgen-done", deployment="textgen", request={}, last_event=1)
+        for job in (waiting, done):
+            job.owner, job.heartbeat_at = board.owner, time.time()
+            await store.create(job, {"type": "queued", "position": 0, "done": False})
+        await board._finish(done, "succeeded", {"type": "result", "done": True, "text": "hi"})
+        keys = ["sheaf:job:textgen-waiting", "sheaf:job:textgen-waiting:events"]
+        assert [await store._redis.ttl(key) for key in keys] == [-1, -1]  # no expiry: never evicted
+        keys = ["sheaf:job:textgen-done", "sheaf:job:textgen-done:events"]
+        assert all(0 < ttl <= 600 for ttl in [await store._redis.ttl(key) for key in keys])
+        assert (await board.info("textgen", "textgen-done")).result == {"text": "hi"}  # type: ignore[union-attr]
+        await store._redis.delete("sheaf:job:textgen-done:events")  # as Redis evicts it
+        info = await board.info("textgen", "textgen-done")
+        assert info is not None and (info.status, info.result) == ("succeeded", None)
+        async with asyncio.timeout(5):  # the log is gone: the reading ends, not a heartbeat for ever
+            assert [item async for item in board.events("textgen", "textgen-done")] == []
+        await store.close()
+
+    asyncio.run(run())
 
 
 def test_queued_and_cancelled_events_parse_as_typed_events() -> None:

@@ -11,7 +11,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, load_config
+from sheaf.config import SERVER_CONFIG_FILE, ConfigError, DeploymentConfig, load_config, load_server_config
+from sheaf.job_routes import _store
+from sheaf.job_store import RedisJobStore
 from sheaf.kubernetes import DEFAULT_IMAGE, command_line, main, manifests, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +208,41 @@ def test_every_variable_the_forecast_files_read_is_set_and_redis_addresses_are_t
     for address in addresses:
         parts = urlsplit(address if "://" in address else f"redis://{address}")
         assert (parts.hostname, parts.port) == (REDIS, service_port(REDIS)), address
+
+
+def test_the_production_set_keeps_its_jobs_in_the_clusters_redis_which_the_entry_pod_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not SQLite in the entry pod, which has no volume: its jobs would go with every restart."""
+    jobs = load_server_config(ROOT / CONFIG_SET).jobs
+    assert jobs.store == "redis" and jobs.url is not None
+    (variable,) = re.fullmatch(r"\$\{(\w+)\}", jobs.url).groups()  # type: ignore[union-attr]
+    given = env(ENTRY)[variable]
+    assert set(given) == {"name", "value"}, given  # the cluster's own address, not a setting to make
+    parts = urlsplit(given["value"])
+    assert (parts.scheme, parts.hostname, parts.port) == ("redis", REDIS, service_port(REDIS))
+    # A database of its own: not Feast's (0, the default) nor the predict cache's.
+    cache_urls = [entry["value"] for entry in env("forecast").values() if entry.get("value", "").startswith("redis://")]
+    used = {urlsplit(url).path or "/0" for url in cache_urls} | {"/0"}
+    assert parts.path not in used, (parts.path, used)
+    # What the entry service makes of it in that pod: a Redis store at that address.
+    monkeypatch.setenv(variable, given["value"])
+    store = _store(jobs)
+    assert isinstance(store, RedisJobStore) and store.url == given["value"]
+
+
+def test_redis_evicts_only_what_expires_before_the_pod_hits_its_memory_limit() -> None:
+    redis = container(REDIS)
+    args = dict(zip(redis["args"][::2], redis["args"][1::2], strict=True))
+    assert args["--maxmemory-policy"] == "volatile-lru"  # never Feast's features or an unfinished job
+    units = {"mb": 1 << 20, "gb": 1 << 30, "Mi": 1 << 20, "Gi": 1 << 30}
+
+    def size(text: str) -> int:
+        number, unit = re.fullmatch(r"(\d+)([a-zA-Z]+)", text).groups()  # type: ignore[union-attr]
+        return int(number) * units[unit]
+
+    limit = redis["resources"]["limits"]["memory"]
+    assert size(args["--maxmemory"]) <= 0.85 * size(limit), (args, limit)
 
 
 def test_the_cli_writes_the_file_with_its_command_in_the_header(tmp_path: Path, monkeypatch: Any) -> None:
