@@ -319,11 +319,7 @@ def test_the_forms_show_each_schemas_defaults_and_limits(page: Page) -> None:
     assert field(page, "forecast", "horizon").input_value() == "24"
     assert limits(page, "forecast", "horizon") == "> 0, ≤ 10000"
     assert field(page, "forecast", "output_mode").input_value() == "mean"
-    # A default from a factory is not in the JSON schema: the field says that empty is the default.
-    quantile_levels = field(page, "forecast", "quantile_levels")
-    assert quantile_levels.input_value() == "" and "empty: default" in (
-        quantile_levels.get_attribute("placeholder") or ""
-    )
+    assert field(page, "forecast", "quantile_levels").input_value() == "0.1, 0.5, 0.9"
     # The deployment's own limits (its config), in the panel's header.
     header = panel(page, "textgen").locator(".deployment-limits").inner_text()
     assert "max_streams: 8" in header and "max_new_tokens_limit: 30000" in header

@@ -33,7 +33,8 @@ class ForecastRequest(BaseRequest[ForecastResponse]):
     horizon: int = Field(24, gt=0, le=10_000)
     frequency: Frequency = "1h"
     output_mode: Literal["mean", "quantiles", "samples"] = "mean"
-    quantile_levels: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    # A plain default (pydantic copies it for each request) is in the JSON schema; a factory is not.
+    quantile_levels: list[float] = Field([0.1, 0.5, 0.9])
     num_samples: int = Field(20, ge=1, le=1000)
 
     @field_validator("quantile_levels")
