@@ -107,10 +107,12 @@ def pixels(image_b64: str) -> bytes:
 
 
 def test_a_flux_job_read_again_after_a_cut_gets_every_step_once_and_the_predicts_image(server: Server) -> None:
-    job = submit(server, "flux", FOX)
+    # Large enough that its 40 steps take seconds (2.4 s alone on one core of the tiny model), so the
+    # reader comes back mid-run: it gets the log, then live events. (At 32x32 the whole job took
+    # 0.2 s, and on a quiet machine it had ended before the reader came back.)
+    body = {**FOX, "height": 768, "width": 768}
+    job = submit(server, "flux", body)
     first = read_events(server, "flux", job["job_id"], until=8)  # then the connection is closed
-    # Mid-run: the reader comes back while the job still runs, so it gets the log, then live events.
-    # (The other 33 of its 40 steps take ~1 s or more; this GET and the reconnect, a few ms.)
     meanwhile = status(server, "flux", job["job_id"])
     rest = read_events(server, "flux", job["job_id"], after=first[-1][0])
     assert meanwhile["status"] == "running", meanwhile
@@ -121,7 +123,7 @@ def test_a_flux_job_read_again_after_a_cut_gets_every_step_once_and_the_predicts
     assert steps == list(range(1, 41))
     result = rest[-1][1]
     assert result["type"] == "result"
-    predicted = httpx.post(f"{server.url}/flux/predict", json=FOX, timeout=120).json()
+    predicted = httpx.post(f"{server.url}/flux/predict", json=body, timeout=120).json()
     assert pixels(result["image_b64"]) == pixels(predicted["image_b64"])
     info = status(server, "flux", job["job_id"])
     assert info["status"] == "succeeded" and info["result"]["image_b64"] == result["image_b64"]
