@@ -58,6 +58,7 @@ def two_replicas(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     env = {"SHEAF_CACHE_DIR": str(configs / "cache")}
     started = [start_server(configs, configs / f"replica-{i}.log", env, service="textgen") for i in range(2)]
+    processes = [process for process, _ in started]  # a test that restarts a replica puts its new process here
     try:
         for process, replica in started:
             wait_until_ready(process, replica)
@@ -65,9 +66,9 @@ def two_replicas(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         with RoundRobin(ports).running() as proxy:
             depends = {"textgen": proxy.url}
             for entry in serve(configs, configs / "sheaf.log", env, ("textgen",), service="sheaf", depends=depends):
-                yield Replicas(entry, [r for _, r in started], [p for p, _ in started], proxy, configs)
+                yield Replicas(entry, [r for _, r in started], processes, proxy, configs)
     finally:
-        for process, _ in started:
+        for process in processes:
             stop_server(process)
 
 
