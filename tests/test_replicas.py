@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sheaf.upstream import KEEPALIVE_S
 from tests.conftest import Server, serve
 
 REQUESTS = 192
+ROUNDS = 3
 CONCURRENCY = 32
 LOGGED = re.compile(r"forecast predict request_id=(\S+) status=(\d+) batch=(\d+) worker=(\d+)")
 LOADED = re.compile(r"\[service:forecast:(\d+)\] deployment forecast loaded")
@@ -42,14 +44,14 @@ def wait_for_both_replicas(server: Server) -> None:
         time.sleep(0.2)
 
 
-async def predict_all(url: str) -> list[httpx.Response]:
+async def predict_all(url: str, tag: str) -> list[httpx.Response]:
     limit = asyncio.Semaphore(CONCURRENCY)
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def one(i: int) -> httpx.Response:
-            body = {"history": [float((i + t) % 24) for t in range(64)], "horizon": 8, "request_id": f"r-{i}"}
+            body = {"history": [float((i + t) % 24) for t in range(64)], "horizon": 8, "request_id": f"{tag}-{i}"}
             async with limit:
                 return await client.post("/forecast/predict", json=body)
 
@@ -57,18 +59,28 @@ async def predict_all(url: str) -> list[httpx.Response]:
 
 
 def test_each_replica_batches_what_it_receives_and_nothing_is_lost_or_answered_twice(two_replicas: Server) -> None:
-    responses = asyncio.run(predict_all(two_replicas.url))
-    assert [r.status_code for r in responses] == [200] * REQUESTS
-    assert [r.json()["request_id"] for r in responses] == [f"r-{i}" for i in range(REQUESTS)]
-
-    log = Path(two_replicas.log).read_text(errors="replace")
-    answered = [match.groups() for match in LOGGED.finditer(log)]
-    # The load's requests only (the readiness polls are not predicts): each answered once, by one replica.
-    ours = [(rid, int(batch), worker) for rid, status, batch, worker in answered if rid.startswith("r-")]
-    assert sorted(rid for rid, _, _ in ours) == sorted(f"r-{i}" for i in range(REQUESTS))
+    # The replicas share one listening socket, and whichever accepts first may take nearly every
+    # connection the entry service opens at once (asyncio accepts a backlog's worth in one go): a
+    # replica left with one connection gets its predicts one at a time and cannot batch. So the load
+    # comes in up to ROUNDS rounds, each after the entry service's idle connections have closed (its
+    # keep-alive), until both replicas have batched; every round must lose and repeat nothing.
     batches: dict[str, list[int]] = defaultdict(list)
-    for _, batch, worker in ours:
-        batches[worker].append(batch)
+    for round_ in range(ROUNDS):
+        tag = f"r{round_}"
+        responses = asyncio.run(predict_all(two_replicas.url, tag))
+        assert [r.status_code for r in responses] == [200] * REQUESTS
+        assert [r.json()["request_id"] for r in responses] == [f"{tag}-{i}" for i in range(REQUESTS)]
+
+        log = Path(two_replicas.log).read_text(errors="replace")
+        answered = [match.groups() for match in LOGGED.finditer(log)]
+        # This round's requests only (the readiness polls are not predicts): each answered once, by one replica.
+        ours = [(rid, int(batch), worker) for rid, status, batch, worker in answered if rid.startswith(f"{tag}-")]
+        assert sorted(rid for rid, _, _ in ours) == sorted(f"{tag}-{i}" for i in range(REQUESTS))
+        for _, batch, worker in ours:
+            batches[worker].append(batch)
+        if len(batches) == 2 and all(max(sizes) > 1 for sizes in batches.values()):
+            break
+        time.sleep(KEEPALIVE_S + 1)
     assert len(batches) == 2, f"one replica took all the load: {dict(batches)}"
     for worker, sizes in batches.items():
-        assert max(sizes) > 1, f"replica {worker} never batched: {sizes}"
+        assert max(sizes) > 1, f"replica {worker} never batched in {ROUNDS} rounds: {sizes}"
