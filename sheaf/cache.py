@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import pydantic_core
 
-from sheaf.config import Cache
+from sheaf.config import Cache, env_expanded
 
 logger = logging.getLogger("sheaf")
 
@@ -199,10 +198,13 @@ class RedisCache:
     @classmethod
     def from_config(cls, config: Cache, deployment: str) -> RedisCache:
         assert config.url is not None  # the config requires it for this backend
-        url = os.path.expandvars(config.url)
-        if "$" in url:
-            raise ValueError(f"cache.url {config.url!r}: the environment does not set {url!r}")
-        return cls(url, deployment, config.ttl_s, int(config.max_entry_mb * _MB), config.timeout_ms / 1000)
+        return cls(
+            env_expanded("cache.url", config.url),
+            deployment,
+            config.ttl_s,
+            int(config.max_entry_mb * _MB),
+            config.timeout_ms / 1000,
+        )
 
     def _name(self, key: str) -> str:
         return self._prefix + hashlib.sha256(key.encode()).hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_DIR_ENV = "SHEAF_CONFIG_DIR"
 CONFIG_SET_ENV = "SHEAF_CONFIG_SET"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+_UNSET_VARIABLE = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
+"""A variable `os.path.expandvars` leaves in place: the environment does not set it."""
+
+
+def env_expanded(key: str, value: str) -> str:
+    """`value` (a setting such as a Redis URL) with its `$VAR` / `${VAR}` from the environment;
+    ValueError naming `key` when the environment does not set one."""
+    expanded = os.path.expandvars(value)
+    if unset := _UNSET_VARIABLE.findall(expanded):
+        raise ValueError(f"{key} {value!r}: the environment does not set {', '.join(unset)}")
+    return expanded
 
 
 class ConfigError(Exception):

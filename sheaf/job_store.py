@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from sheaf.api.jobs import JobStatus
+from sheaf.config import env_expanded
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 FINISHED = ("succeeded", "failed", "cancelled")
-_UNSET = re.compile(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?")
-"""A variable `os.path.expandvars` left in a URL: the environment does not set it."""
 
 
 @dataclass
@@ -182,9 +180,9 @@ class RedisJobStore:
         if self._opened is None:
             from redis.asyncio import Redis
 
-            if unset := _UNSET.findall(self.url):
-                raise ValueError(f"jobs.url {self.url!r}: the environment does not set {', '.join(unset)}")
-            self._opened = Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+            self._opened = Redis.from_url(
+                env_expanded("jobs.url", self.url), socket_timeout=5, socket_connect_timeout=5
+            )
         return self._opened
 
     @staticmethod
